@@ -1,0 +1,1 @@
+"""headtrain: everything after the store: training, evaluation, prediction and export."""
