@@ -43,8 +43,10 @@ def base_config():
 def save_model(out_dir: str | Path, config, *, seed: int = 0) -> Path:
     """Save a randomly initialised Wav2Vec2Model and its feature-extractor config to `out_dir`."""
     import torch
+    import transformers
     from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
+    transformers.logging.disable_progress_bar()
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     model = Wav2Vec2Model(config)

@@ -1,0 +1,265 @@
+"""`ser cache build`: decode, normalise, run the lower stack once, commit states to the store."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .audio import SAMPLE_RATE, audio_seconds, load_audio
+from .errors import AudioError, ConfigError, StoreError, StoreMismatch
+from .manifest import Utterance, load_manifest
+from .model import DEFAULT_MODEL, LoadedModel, load_model
+from .store import (FORMAT, FORMAT_VERSION, STORAGE_DTYPES, StoreWriter, default_shard_frames,
+                    fingerprint_difference, read_meta, to_storage)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Options of `ser cache build`; checked by `validate` before any work starts."""
+    manifest: str
+    out: str
+    model: str = DEFAULT_MODEL
+    layers: int = 9
+    dtype: str = "float16"
+    batch_size: int = 8
+    device: str | None = None  # default: cuda when available
+    workers: int = 2  # background decoding threads
+    overwrite: bool = False
+    audio_root: str | None = None
+    chunk_frames: int = 64
+    shard_frames: int | None = None  # default: ~16 MiB shard files
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.dtype not in STORAGE_DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
+        if self.layers < 0:
+            raise ConfigError(f"--layers {self.layers}: must be 0 or more")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.workers < 0:
+            raise ConfigError(f"--workers {self.workers}: must be 0 or more")
+        if self.chunk_frames < 1 or (self.shard_frames is not None and (
+                self.shard_frames < self.chunk_frames or self.shard_frames % self.chunk_frames)):
+            raise ConfigError(f"--shard-frames {self.shard_frames}: must be a multiple of "
+                              f"chunk frames ({self.chunk_frames})")
+        if self.device and self.device.startswith("cuda"):
+            import torch
+            if not torch.cuda.is_available():
+                raise ConfigError(f"--device {self.device}: CUDA is not available on this machine")
+
+
+@dataclass
+class BuildSummary:
+    store: str
+    cached: int = 0  # utterances computed by this run
+    already: int = 0  # utterances found committed
+    failed: list[dict] = field(default_factory=list)
+    audio_hours: float = 0.0
+    seconds: float = 0.0
+    store_bytes: int = 0
+    total: int = 0
+
+    def text(self) -> str:
+        rate = self.cached / self.seconds if self.seconds else 0.0
+        hours_per_s = self.audio_hours * 3600 / self.seconds if self.seconds else 0.0
+        parts = [f"Cached {self.cached} utterances ({self.audio_hours:.3f} h of audio) in "
+                 f"{self.seconds:.1f} s ({rate:.1f} utt/s, {hours_per_s:.0f}x real time) into "
+                 f"{self.store}"]
+        if self.already:
+            parts.append(f"{self.already} were already cached and were not recomputed")
+        parts.append(f"the store holds {self.total} utterances in {self.store_bytes / 2**20:.1f} MiB")
+        if self.failed:
+            names = ", ".join(f["id"] for f in self.failed[:10])
+            parts.append(f"{len(self.failed)} failed and were skipped ({names}"
+                         f"{' ...' if len(self.failed) > 10 else ''}); see `ser cache info`, fix "
+                         "or drop them, and rerun to retry only those")
+        return "; ".join(parts) + "."
+
+
+def store_meta(config: BuildConfig, loaded: LoadedModel, shard_frames: int) -> dict:
+    import numcodecs
+    import torch
+    import transformers
+    import zarr
+
+    cfg = loaded.config
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "model_id": loaded.model_id, "model_sha256": loaded.weights_sha256,
+        "model_type": cfg.model_type, "model_config": cfg.to_diff_dict(),
+        "layers": config.layers, "num_hidden_layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size, "do_stable_layer_norm": bool(cfg.do_stable_layer_norm),
+        "frame_rate": loaded.frame_rate, "sample_rate": SAMPLE_RATE,
+        "preprocessing": loaded.preprocessing(), "dtype": config.dtype,
+        "chunk_frames": config.chunk_frames, "shard_frames": shard_frames,
+        "versions": {"ser": _version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "zarr": zarr.__version__,
+                     "numcodecs": numcodecs.__version__, "python": sys.version.split()[0]},
+    }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("ser")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def batches_in_order(utterances: list[Utterance], seconds: dict[str, float], batch_size: int):
+    """Length-sorted batches, fixed by the manifest alone: a resumed build recomputes the same
+    batches as an uninterrupted one, so its bytes are the same."""
+    ordered = sorted(utterances, key=lambda u: (seconds[u.id], u.id))
+    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def prepare_store(config: BuildConfig, meta: dict) -> None:
+    out = Path(config.out)
+    existing = read_meta(out) if out.exists() else None
+    if config.overwrite and out.exists():
+        shutil.rmtree(out)
+        return
+    if out.exists() and existing is None and any(out.iterdir()):
+        raise StoreError(f"{out}: exists and is not a ser store; choose another --out or pass --overwrite")
+    if existing is not None:
+        difference = fingerprint_difference(existing, meta)
+        if difference:
+            raise StoreMismatch(f"{out}: built differently ({difference}); pass --overwrite to "
+                                "rebuild it, or choose another --out")
+
+
+def decode(utterance: Utterance, feature_extractor, min_samples: int):
+    """Decoded and normalised samples, or the AudioError that explains why not."""
+    try:
+        samples, source_rate, digest = load_audio(utterance.path)
+        if samples.shape[0] < min_samples:
+            raise AudioError(f"{utterance.path}: {samples.shape[0]} samples at 16 kHz, shorter than "
+                             f"the model's receptive field ({min_samples} samples)")
+        normalised = feature_extractor(samples, sampling_rate=SAMPLE_RATE,
+                                       return_tensors="np").input_values[0]
+        if not np.isfinite(normalised).all():
+            raise AudioError(f"{utterance.path}: normalisation produced NaN/Inf")
+        return normalised.astype(np.float32), {"source_rate": source_rate, "audio_sha256": digest,
+                                               "seconds": samples.shape[0] / SAMPLE_RATE}
+    except AudioError as err:
+        return err, None
+
+
+def build_cache(config: BuildConfig) -> BuildSummary:
+    """Build (or resume) a store of layer-`config.layers` states for every manifest row.
+
+    Raises:
+        ManifestError, ModelError, ConfigError, StoreMismatch: before any compute.
+        StoreError: when writing fails (e.g. disk full); what was committed stays readable.
+
+    Failed audio does not raise: it is listed in the summary (and the store's metadata).
+    """
+    import torch
+    from tqdm import tqdm
+
+    from .lower import LowerStack
+
+    config.validate()
+    manifest = load_manifest(config.manifest, audio_root=config.audio_root)
+    loaded = load_model(config.model)
+    if config.layers > loaded.num_layers:
+        raise ConfigError(f"--layers {config.layers}: model '{config.model}' has only "
+                          f"{loaded.num_layers} transformer layers")
+    shard_frames = config.shard_frames or default_shard_frames(loaded.hidden_size, config.dtype,
+                                                               config.chunk_frames)
+    meta = store_meta(config, loaded, shard_frames)
+    prepare_store(config, meta)
+    existing = read_meta(config.out) if Path(config.out).exists() else None
+    if existing:  # resuming: keep the layout and the creation date
+        meta.update(shard_frames=existing["shard_frames"], chunk_frames=existing["chunk_frames"],
+                    created=existing.get("created"))
+    else:
+        meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    writer = StoreWriter(config.out, meta)
+    summary = BuildSummary(store=str(config.out), already=sum(
+        u.id in writer.committed for u in manifest.utterances))
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        seconds = dict(zip([u.id for u in manifest.utterances],
+                           pool.map(audio_seconds, [u.path for u in manifest.utterances])))
+    batches = [b for b in batches_in_order(manifest.utterances, seconds, config.batch_size)
+               if any(u.id not in writer.committed for u in b)]
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lower = LowerStack(loaded.model, config.layers, device=device)
+    todo = sum(u.id not in writer.committed for b in batches for u in b)
+    bar = tqdm(total=todo, unit="utt", desc="caching", disable=not config.progress, file=sys.stderr,
+               dynamic_ncols=True, smoothing=0.1)
+    started = time.perf_counter()
+    decoder = ThreadPoolExecutor(max_workers=max(1, config.workers))
+    fe, min_samples = loaded.feature_extractor, loaded.receptive_field
+    try:
+        ahead = 2 + config.workers // max(1, config.batch_size)
+        futures = [[decoder.submit(decode, u, fe, min_samples) for u in b] for b in batches[:ahead]]
+        for i, batch in enumerate(batches):
+            if i + ahead < len(batches):
+                futures.append([decoder.submit(decode, u, fe, min_samples) for u in batches[i + ahead]])
+            results = [f.result() for f in futures[i]]
+            futures[i] = None
+            good = []
+            for utterance, (samples, info) in zip(batch, results):
+                if info is None:
+                    if utterance.id not in writer.committed:
+                        summary.failed.append({"id": utterance.id, "path": utterance.path,
+                                               "error": str(samples)})
+                        log.warning("skipped %s: %s", utterance.id, samples)
+                        bar.update(1)
+                    continue
+                good.append((utterance, samples, info))
+            if good:
+                states = lower([samples for _, samples, _ in good])
+                for (utterance, _, info), hidden in zip(good, states):
+                    if utterance.id in writer.committed:
+                        continue
+                    writer.add({"id": utterance.id, **info}, to_storage(hidden, config.dtype))
+                    summary.cached += 1
+                    summary.audio_hours += info["seconds"] / 3600
+                    bar.update(1)
+                    bar.set_postfix(hours=f"{summary.audio_hours:.2f}", refresh=False)
+        writer.flush()
+        writer.wait()
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise StoreError(f"{config.out}: disk full while writing; what was committed is kept "
+                             "- free space and rerun the same command to resume") from None
+        raise StoreError(f"{config.out}: cannot write: {err}") from None
+    finally:
+        decoder.shutdown(wait=False, cancel_futures=True)
+        bar.close()
+        _finalize(writer, manifest, summary, config)
+    summary.seconds = time.perf_counter() - started
+    summary.total = len(writer.committed)
+    summary.store_bytes = sum(f.stat().st_size for f in Path(config.out).rglob("*") if f.is_file())
+    return summary
+
+
+def _finalize(writer: StoreWriter, manifest, summary: BuildSummary, config: BuildConfig) -> None:
+    """Best effort after success or failure: make everything committed visible to readers."""
+    try:
+        missing = [u.id for u in manifest.utterances if u.id not in writer.committed]
+        writer.finalize(table=manifest.table, extra_meta={
+            "failures": summary.failed, "complete": not missing,
+            "utterances": len(writer.committed),
+            "audio_hours": sum(r["seconds"] for r in writer.committed.values()) / 3600,
+            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "manifest": Path(config.manifest).name,
+        })
+    except Exception as err:  # the original error (if any) matters more than this one
+        log.warning("could not finalise %s (%s); rerun the same command to finish", config.out, err)
+    finally:
+        writer.close()

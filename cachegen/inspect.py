@@ -1,0 +1,122 @@
+"""`ser cache info` and `ser cache verify`: what a store holds, and whether its bytes are intact."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .reader import open_cache
+
+log = logging.getLogger(__name__)
+
+
+def _bytes_on_disk(location: str) -> int | None:
+    path = Path(location)
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    try:  # remote: ask the filesystem, if it can list
+        import fsspec
+        fs, root = fsspec.core.url_to_fs(location)
+        return int(fs.du(root))
+    except Exception:
+        return None
+
+
+def store_info(location: str, *, cache_dir: str | None = None) -> dict:
+    """What a teammate needs to decide whether to train from a store."""
+    with open_cache(location, cache_dir=cache_dir) as reader:
+        meta = reader.meta
+        hours = sum(reader.index.column("seconds").to_pylist()) / 3600
+        size = _bytes_on_disk(location)
+        return {
+            "store": location,
+            "model_id": meta["model_id"], "model_sha256": meta["model_sha256"],
+            "model_type": meta["model_type"], "layers": meta["layers"],
+            "num_hidden_layers": meta["num_hidden_layers"], "hidden_size": meta["hidden_size"],
+            "dtype": meta["dtype"], "frame_rate": meta["frame_rate"],
+            "utterances": len(reader), "audio_hours": hours,
+            "bytes": size, "bytes_per_audio_hour": size / hours if size and hours else None,
+            "complete": meta.get("complete"), "failed": meta.get("failures", []),
+            "created": meta.get("created"), "updated": meta.get("updated"),
+            "versions": meta.get("versions", {}), "format_version": meta["format_version"],
+            "manifest_columns": reader.table.column_names,
+            "splits": _splits(reader.table),
+        }
+
+
+def _splits(table) -> dict:
+    from .manifest import split_counts
+    return split_counts(table)
+
+
+def format_info(info: dict) -> str:
+    size = f"{info['bytes'] / 2**20:.1f} MiB" if info["bytes"] is not None else "unknown"
+    per_hour = (f"{info['bytes_per_audio_hour'] / 2**20:.1f} MiB per audio hour"
+                if info["bytes_per_audio_hour"] else "")
+    versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    lines = [
+        f"store:        {info['store']}",
+        f"model:        {info['model_id']} ({info['model_type']}, {info['num_hidden_layers']} layers, "
+        f"hidden {info['hidden_size']})",
+        f"weights:      sha256 {info['model_sha256']}",
+        f"cached layer: {info['layers']} (states after transformer layer {info['layers']})",
+        f"dtype:        {info['dtype']}, {info['frame_rate']:g} frames/s",
+        f"utterances:   {info['utterances']} ({info['audio_hours']:.3f} h of audio)"
+        + (f"; splits {info['splits']}" if info["splits"] else ""),
+        f"size:         {size}" + (f", {per_hour}" if per_hour else ""),
+        f"complete:     {'yes' if info['complete'] else 'no: rerun `ser cache build` to finish'}",
+        f"built:        {info['created']} (updated {info['updated']}); {versions}",
+        f"columns:      {', '.join(info['manifest_columns'])}",
+        f"failed:       {len(info['failed'])}",
+    ]
+    lines += [f"  {f['id']}: {f['error']}" for f in info["failed"][:20]]
+    return "\n".join(lines)
+
+
+@dataclass
+class VerifyReport:
+    store: str
+    checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_store(location: str, *, cache_dir: str | None = None) -> VerifyReport:
+    """Check the index (unique ids, aligned non-overlapping ranges inside the array) and every
+    utterance's checksum. Problems are collected, not raised."""
+    from .errors import SerError
+
+    report = VerifyReport(store=location)
+    with open_cache(location, cache_dir=cache_dir) as reader:
+        chunk = reader.meta["chunk_frames"]
+        capacity = reader.states.shape[0]
+        rows = sorted(reader.index.to_pylist(), key=lambda r: r["start"])
+        if len({r["id"] for r in rows}) != len(rows):
+            report.problems.append("index: duplicate ids")
+        previous_end, previous_id = 0, None
+        for r in rows:
+            if r["start"] % chunk:
+                report.problems.append(f"index: '{r['id']}' starts at frame {r['start']}, not on a chunk")
+            if r["start"] < previous_end:
+                report.problems.append(f"index: '{r['id']}' overlaps '{previous_id}'")
+            if r["start"] + r["frames"] > capacity:
+                report.problems.append(f"index: '{r['id']}' lies beyond the states array")
+                continue
+            previous_end, previous_id = r["start"] + r["frames"], r["id"]
+        for uid in reader.ids:
+            try:
+                reader.read_raw(uid)
+            except SerError as err:
+                report.problems.append(str(err).replace(f"{location}: ", "", 1))
+            report.checked += 1
+        if os.path.isdir(os.path.join(location, "_building")):
+            report.problems.append("a build in progress or interrupted (_building/ exists): "
+                                   "rerun `ser cache build` to finish it")
+    return report

@@ -1,0 +1,107 @@
+"""Load a Wav2Vec2-family encoder and its preprocessing, and fingerprint its weights."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "facebook/wav2vec2-base"
+# Encoders whose layers take (hidden_states, attention_mask) and share Wav2Vec2's prelude.
+# WavLM threads a relative position bias from layer to layer and is not supported.
+SUPPORTED_TYPES = ("wav2vec2", "hubert")
+
+
+@dataclass
+class LoadedModel:
+    model: object  # Wav2Vec2Model or HubertModel, eval mode, on CPU
+    feature_extractor: object
+    model_id: str
+    weights_sha256: str
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def frame_rate(self) -> float:
+        return self.feature_extractor.sampling_rate / math.prod(self.model.config.conv_stride)
+
+    @property
+    def receptive_field(self) -> int:
+        """Samples needed for one output frame."""
+        field, jump = 1, 1
+        for kernel, stride in zip(self.model.config.conv_kernel, self.model.config.conv_stride):
+            field += (kernel - 1) * jump
+            jump *= stride
+        return field
+
+    def preprocessing(self) -> dict:
+        fe = self.feature_extractor
+        return {"sampling_rate": int(fe.sampling_rate), "do_normalize": bool(fe.do_normalize),
+                "mono": True, "resampler": "soxr HQ", "feature_extractor": type(fe).__name__}
+
+
+def weights_sha256(model) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_model(model_id: str = DEFAULT_MODEL) -> LoadedModel:
+    """Load an encoder (no task head) and its feature extractor from a hub id or a local folder.
+
+    Raises:
+        ModelError: the model cannot be found or fetched (the message says to pass a local
+            folder), or its type is not supported.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, Wav2Vec2FeatureExtractor
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        config = AutoConfig.from_pretrained(model_id)
+    except (OSError, ValueError) as err:
+        where = "local folder" if Path(model_id).exists() else "hub id"
+        raise ModelError(
+            f"cannot load model '{model_id}' ({where}): {str(err).splitlines()[0]}; without network, "
+            "pass a local folder saved with save_pretrained (e.g. --model ./wav2vec2-base)") from None
+    if config.model_type not in SUPPORTED_TYPES:
+        raise ModelError(f"model '{model_id}' is of type '{config.model_type}'; supported: "
+                         f"{', '.join(SUPPORTED_TYPES)}")
+    # The hub ids for pretraining checkpoints mask time steps in training; ser never does (the
+    # cached layers cannot), so that every strategy sees the same inputs.
+    config.mask_time_prob = 0.0
+    config.mask_feature_prob = 0.0
+    try:
+        model = AutoModel.from_pretrained(model_id, config=config)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load weights of '{model_id}': {str(err).splitlines()[0]}") from None
+    model.eval()
+    try:
+        feature_extractor = AutoFeatureExtractor.from_pretrained(model_id)
+    except (OSError, ValueError):
+        log.warning("model '%s' has no preprocessor_config.json; using Wav2Vec2FeatureExtractor "
+                    "defaults (16 kHz, normalised)", model_id)
+        feature_extractor = Wav2Vec2FeatureExtractor(do_normalize=True)
+    return LoadedModel(model=model, feature_extractor=feature_extractor, model_id=str(model_id),
+                       weights_sha256=weights_sha256(model))

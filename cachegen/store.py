@@ -1,0 +1,235 @@
+"""The store: lower-layer hidden states of every utterance in one Zarr v3 group.
+
+Layout (docs/cache-format.md has the full description):
+    zarr.json          group; attributes["ser"] = metadata; consolidated metadata of `states`
+    states/            (capacity, hidden) array, sharded: shard files of `shard_frames` rows,
+                       inner chunks of `chunk_frames` rows; every utterance starts on an inner
+                       chunk and never crosses a shard (unless longer than one)
+    index.parquet      id, start, frames, seconds, source_rate, audio_sha256, crc32
+    manifest.parquet   the manifest's columns (labels for convenience; states never use them)
+    _building/         commit records of a build in progress (gone once finalised)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import StoreCorrupt, StoreError, UnsafeInput
+
+FORMAT = "ser-cache"
+FORMAT_VERSION = 1
+STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
+# Codecs a store may use; anything else is refused before a byte is decoded.
+ALLOWED_CODECS = {"sharding_indexed", "bytes", "blosc", "zstd", "gzip", "crc32c", "transpose"}
+# Fields that decide whether an existing store can be resumed or trained from.
+FINGERPRINT = ("format_version", "model_sha256", "model_type", "layers", "num_hidden_layers",
+               "hidden_size", "do_stable_layer_norm", "dtype", "preprocessing", "sample_rate")
+INDEX_SCHEMA = pa.schema([
+    ("id", pa.string()), ("start", pa.int64()), ("frames", pa.int64()), ("seconds", pa.float64()),
+    ("source_rate", pa.int64()), ("audio_sha256", pa.string()), ("crc32", pa.int64()),
+])
+
+
+def _quiet_zarr():
+    """Consolidated metadata and the parquet files beside the arrays are deliberate."""
+    import warnings
+    warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+    warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component")
+
+
+def to_storage(states, dtype: str) -> np.ndarray:
+    """float32 torch tensor (frames, hidden) -> numpy array in the storage dtype."""
+    import torch
+
+    if dtype == "bfloat16":
+        return states.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return states.to(getattr(torch, dtype)).numpy()
+
+
+def from_storage(array: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored array -> numpy float array (bfloat16 bits widen exactly to float32)."""
+    if dtype == "bfloat16":
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array
+
+
+def checksum(array: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes())
+
+
+def default_shard_frames(hidden: int, dtype: str, chunk_frames: int) -> int:
+    """About 16 MiB per shard file: few files per audio hour, small enough to write at once."""
+    frame_bytes = hidden * np.dtype(STORAGE_DTYPES[dtype]).itemsize
+    frames = 1 << max(0, int(np.log2(16 * 2**20 / frame_bytes)))
+    return max(chunk_frames, frames // chunk_frames * chunk_frames)
+
+
+def aligned(frames: int, chunk_frames: int) -> int:
+    return -(-frames // chunk_frames) * chunk_frames
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def read_meta(path: str | Path) -> dict | None:
+    """The metadata of a local store, or None when `path` holds no store."""
+    root = Path(path) / "zarr.json"
+    if not root.is_file():
+        return None
+    return json.loads(root.read_text()).get("attributes", {}).get("ser")
+
+
+def fingerprint_difference(old: dict, new: dict) -> str | None:
+    """The first fingerprint field that differs, as 'field: old -> new', or None."""
+    for field in FINGERPRINT:
+        if old.get(field) != new.get(field):
+            return f"{field}: store has {old.get(field)!r}, this build has {new.get(field)!r}"
+    return None
+
+
+class StoreWriter:
+    """Appends utterances to a local store; commits whole shards, one writer per store.
+
+    `add` buffers states into the current shard; a full shard is written in one piece (zarr
+    rewrites whole shards anyway) by a background thread, then its index records are committed
+    by an atomic rename into `_building/`. `finalize` merges the records into index.parquet and
+    consolidates metadata. What is committed survives a kill; what was not is simply redone.
+    """
+
+    def __init__(self, path: str | Path, meta: dict):
+        import zarr
+
+        _quiet_zarr()
+        self.path = Path(path)
+        self.meta = meta
+        self.dtype = meta["dtype"]
+        self.chunk_frames = meta["chunk_frames"]
+        self.shard_frames = meta["shard_frames"]
+        self.hidden = meta["hidden_size"]
+        self.path.mkdir(parents=True, exist_ok=True)
+        if read_meta(self.path) is None:
+            group = zarr.open_group(str(self.path), mode="w", attributes={"ser": meta})
+            group.create_array(
+                "states", shape=(0, self.hidden), dtype=STORAGE_DTYPES[self.dtype],
+                chunks=(self.chunk_frames, self.hidden), shards=(self.shard_frames, self.hidden),
+                compressors=[zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")],
+                fill_value=0, dimension_names=["frame", "hidden"])
+        (self.path / "_building").mkdir(exist_ok=True)
+        self.group = zarr.open_group(str(self.path), mode="r+")
+        self.states = self.group["states"]
+        self.committed = load_index(self.path)
+        used = [(r["start"] + aligned(r["frames"], self.chunk_frames)) for r in self.committed.values()]
+        self.next_shard = -(-max(used, default=0) // self.shard_frames)
+        self.buffer = None
+        self.pending: list[dict] = []
+        self.cursor = 0
+        self.io = ThreadPoolExecutor(max_workers=1)
+        self.in_flight: Future | None = None
+
+    def add(self, record: dict, states: np.ndarray) -> None:
+        """Queue one utterance's (frames, hidden) states; `record` holds its index fields."""
+        frames = states.shape[0]
+        size = aligned(frames, self.chunk_frames)
+        if size > self.shard_frames:  # a very long utterance gets whole shards of its own
+            self.flush()
+            shards = -(-size // self.shard_frames)
+            buffer = np.zeros((shards * self.shard_frames, self.hidden), states.dtype)
+            buffer[:frames] = states
+            self._commit(buffer, [self._record(record, states, self.next_shard * self.shard_frames)])
+            self.next_shard += shards
+            return
+        if self.cursor + size > self.shard_frames:
+            self.flush()
+        if self.buffer is None:
+            self.buffer = np.zeros((self.shard_frames, self.hidden), states.dtype)
+        start = self.next_shard * self.shard_frames + self.cursor
+        self.buffer[self.cursor:self.cursor + frames] = states
+        self.pending.append(self._record(record, states, start))
+        self.cursor += size
+
+    def _record(self, record: dict, states: np.ndarray, start: int) -> dict:
+        return {**record, "start": start, "frames": states.shape[0], "crc32": checksum(states)}
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        self._commit(self.buffer, self.pending)
+        self.next_shard += 1
+        self.buffer, self.pending, self.cursor = None, [], 0
+
+    def _commit(self, buffer: np.ndarray, records: list[dict]) -> None:
+        first = records[0]["start"] // self.shard_frames * self.shard_frames
+        self.wait()
+        self.in_flight = self.io.submit(self._write, first, buffer, records)
+
+    def _write(self, first: int, buffer: np.ndarray, records: list[dict]) -> None:
+        end = first + buffer.shape[0]
+        if self.states.shape[0] < end:
+            self.states.resize((end, self.hidden))
+        self.states[first:end] = buffer
+        table = pa.Table.from_pylist(records, schema=INDEX_SCHEMA)
+        write_atomic(self.path / "_building" / f"shard-{first // self.shard_frames:09d}.parquet",
+                     parquet_bytes(table))
+        for r in records:
+            self.committed[r["id"]] = r
+
+    def wait(self) -> None:
+        """Block until the shard being written is committed; re-raise its error."""
+        if self.in_flight is not None:
+            future, self.in_flight = self.in_flight, None
+            future.result()
+
+    def finalize(self, *, table: pa.Table | None, extra_meta: dict) -> None:
+        """Merge committed records into index.parquet, write metadata, consolidate."""
+        import zarr
+
+        self.wait()
+        index = pa.Table.from_pylist(sorted(self.committed.values(), key=lambda r: r["start"]),
+                                     schema=INDEX_SCHEMA)
+        write_atomic(self.path / "index.parquet", parquet_bytes(index))
+        if table is not None:
+            write_atomic(self.path / "manifest.parquet", parquet_bytes(table))
+        self.group.attrs["ser"] = {**self.meta, **extra_meta}
+        zarr.consolidate_metadata(str(self.path))
+        shutil.rmtree(self.path / "_building", ignore_errors=True)
+
+    def close(self) -> None:
+        self.io.shutdown(wait=True)
+
+
+def load_index(path: Path) -> dict[str, dict]:
+    """Committed records of a local store: index.parquet plus `_building/` commit records."""
+    records: dict[str, dict] = {}
+    files = [path / "index.parquet"] if (path / "index.parquet").is_file() else []
+    files += sorted((path / "_building").glob("shard-*.parquet")) if (path / "_building").is_dir() else []
+    for file in files:
+        for r in pq.read_table(file).to_pylist():
+            records[r["id"]] = r
+    return records
