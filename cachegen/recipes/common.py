@@ -24,6 +24,7 @@ CORPUS_COLUMNS = ["id", "path", "split", "activation", "valence", "dominance",
 TEXT_COLUMNS = {"id", "path", "split", "speaker", "gender", "emotion"}
 SPLIT_ORDER = ["train", "dev", "test", "test1", "test2", "test3"]
 LISTED = 5  # names shown in a message before "and N more"
+Rows = list[tuple[str, dict[str, str]]]  # (where a row is: `labels.csv line 7`; its cells)
 
 
 def listed(names: list[str]) -> str:
@@ -67,7 +68,7 @@ def text_cell(value) -> str:
     return str(value).strip()
 
 
-def read_table(path: Path, *, required: list[str]) -> tuple[list[str], list[tuple[str, dict[str, str]]]]:
+def read_table(path: Path, *, required: list[str]) -> tuple[list[str], Rows]:
     """Read a CSV or Parquet labels table as text cells.
 
     CSV may carry a UTF-8 BOM and Windows line endings; blank lines are skipped; cells are
@@ -86,7 +87,8 @@ def read_table(path: Path, *, required: list[str]) -> tuple[list[str], list[tupl
         try:
             table = pq.read_table(path)
         except (pa.ArrowInvalid, OSError) as err:
-            raise ManifestError(f"{path}: cannot read Parquet: {str(err).splitlines()[0]}") from None
+            reason = str(err).splitlines()[0]
+            raise ManifestError(f"{path}: cannot read Parquet: {reason}") from None
         header = table.column_names
         rows = [(f"{path} row {i}", {k: text_cell(v) for k, v in record.items()})
                 for i, record in enumerate(table.to_pylist())]
@@ -115,7 +117,7 @@ def read_table(path: Path, *, required: list[str]) -> tuple[list[str], list[tupl
     return header, rows
 
 
-def read_json_records(path: Path, *, key: str) -> list[tuple[str, dict[str, str]]]:
+def read_json_records(path: Path, *, key: str) -> Rows:
     """Read a JSON object of objects (`{"name": {"field": value}}`) as rows of text cells,
     with the outer key stored under `key`."""
     try:
@@ -129,8 +131,8 @@ def read_json_records(path: Path, *, key: str) -> list[tuple[str, dict[str, str]
             for name, fields in records.items()]
 
 
-def check_missing(missing: list[str], *, total: int, source: str | Path, audio_dir: str | Path,
-                  skip_missing: bool) -> dict[str, list[str]]:
+def check_missing(missing: list[str], *, total: int, source: str | Path,
+                  audio_dir: str | Path, skip_missing: bool) -> dict[str, list[str]]:
     """Raise on labelled utterances without audio unless `skip_missing`; return what was skipped."""
     if missing and not skip_missing:
         raise ManifestError(f"{len(missing)} of {total} utterances in {source} have no audio "

@@ -12,7 +12,9 @@ import soundfile as sf
 from ..errors import ConfigError, ManifestError
 from .common import PrepareSummary, check_out, finish, listed, read_table
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg"} | ({".mp3"} if "MP3" in sf.available_formats() else set())
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg"}
+if "MP3" in sf.available_formats():  # libsndfile >= 1.1
+    AUDIO_SUFFIXES.add(".mp3")
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,8 @@ def prepare_folder(root: str | Path, *, out: str | Path, labels: str | Path | No
     header, records = ["id"], []
     if labels is not None:
         labels = Path(labels)
-        header, records = read_table(labels, required=["id"] + ([rule.column] if rule.column else []))
+        required = ["id", rule.column] if rule.column else ["id"]
+        header, records = read_table(labels, required=required)
         if "path" in header or ("split" in header and rule.column != "split"):
             raise ManifestError(f"{labels}: columns 'path' and 'split' are the manifest's own; "
                                 "rename them (or pass --split column:split to use 'split')")

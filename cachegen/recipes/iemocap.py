@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from ..errors import ConfigError, ManifestError
-from .common import (CORPUS_COLUMNS, PrepareSummary, check_missing, check_out, finish,
+from .common import (CORPUS_COLUMNS, PrepareSummary, Rows, check_missing, check_out, finish,
                      number_cell)
 
 SESSIONS = range(1, 6)
@@ -21,7 +21,7 @@ EMOTIONS = {"neu": "neutral", "ang": "angry", "hap": "happy", "exc": "excited", 
             "oth": "other", "xxx": "no_agreement"}
 
 
-def _turns(path: Path) -> list[tuple[str, dict[str, str]]]:
+def _turns(path: Path) -> Rows:
     """The turn lines of one EmoEvaluation file; headers and annotator lines are ignored."""
     turns = []
     with open(path, encoding="utf-8-sig", errors="replace") as f:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import ManifestError
-from .common import (CORPUS_COLUMNS, PrepareSummary, check_missing, check_out, finish,
+from .common import (CORPUS_COLUMNS, PrepareSummary, Rows, check_missing, check_out, finish,
                      number_cell, read_json_records, read_table)
 
 FIELDS = ["FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Gender", "Split_Set"]
@@ -19,7 +19,7 @@ EMOTIONS = {"A": "angry", "S": "sad", "H": "happy", "U": "surprise", "F": "fear"
 GENDERS = {"Female": "F", "Male": "M", "Unknown": ""}
 
 
-def _labels(root: Path) -> tuple[Path, list[tuple[str, dict[str, str]]]]:
+def _labels(root: Path) -> tuple[Path, Rows]:
     """The consensus labels, from the CSV when a release has both CSV and JSON."""
     csv_path = root / "Labels" / "labels_consensus.csv"
     json_path = csv_path.with_suffix(".json")
