@@ -323,6 +323,15 @@ def test_folder_column_split_from_parquet_labels(tmp_path):
     assert summary.utterances == {"train": 2, "dev": 1, "test": 1}
 
 
+def test_folder_keeps_audio_with_an_unreadable_header_and_says_so(tmp_path):
+    root = folder_corpus(tmp_path / "clips")
+    (root / "broken.wav").write_bytes(b"RIFF not really a wave file")
+    summary = prepare_folder(root, out=tmp_path / "m.csv")
+    assert "broken" in by_id(read_manifest(tmp_path / "m.csv"))
+    assert any("cannot read" in note and "broken" in note for note in summary.notes)
+    assert sum(summary.hours.values()) == pytest.approx(2.25 / 3600, rel=1e-3)
+
+
 def test_hash_split_is_stable_and_proportional(tmp_path):
     rule = SplitRule.parse("hash:80/10/10")
     ids = [f"speaker{i % 37}/utt{i:05d}" for i in range(10000)]
