@@ -24,12 +24,23 @@ class SerGroup(click.Group):
             sys.exit(130)
 
 
+class EchoHandler(logging.Handler):
+    """Library log messages to stderr through click (so CliRunner captures them too)."""
+
+    def emit(self, record):
+        click.echo(self.format(record), err=True)
+
+
 @click.group(cls=SerGroup)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def main(verbose: bool) -> None:
     """Efficient finetuning for dimensional speech emotion recognition."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
+    for name in ("cachegen", "headtrain"):
+        logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if not isinstance(h, EchoHandler)]
+        logger.addHandler(EchoHandler())
+        logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+        logger.propagate = False
 
 
 @main.group()

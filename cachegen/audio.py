@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 
 import numpy as np
 
@@ -35,7 +36,8 @@ def load_audio(path: str, *, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray
     try:
         samples, source_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as err:  # libsndfile raises several types for corrupt input
-        raise AudioError(f"{path}: cannot decode: {str(err).strip().splitlines()[0]}") from None
+        reason = re.sub(r"^Error opening .*?: ", "", str(err).strip().splitlines()[0])
+        raise AudioError(f"{path}: cannot decode: {reason}") from None
     if samples.shape[0] == 0:
         raise AudioError(f"{path}: no audio samples")
     if not np.isfinite(samples).all():

@@ -114,8 +114,8 @@ class CacheReader:
                              "or install the matching ser")
         consolidated = (root.get("consolidated_metadata") or {}).get("metadata") or {}
         if "states" not in consolidated:
-            raise StoreError(f"{location}: consolidated metadata is missing (the store was not "
-                             "finalised); rerun `ser cache build` on it")
+            raise StoreError(f"{location}: consolidated metadata is missing: its build was "
+                             "interrupted before it was finalised; rerun `ser cache build` to resume")
         check_safe(self.location, consolidated["states"])
         self.meta: dict = meta
         self.dtype: str = meta["dtype"]

@@ -1,0 +1,84 @@
+"""Invariant 1: cached states equal transformers' own hidden_states[L], whatever L, the norm
+variant and the batch size."""
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+from cachegen import open_cache
+from cachegen.audio import load_audio
+from cachegen.build import BuildConfig, build_cache
+from cachegen.manifest import load_manifest
+
+
+@functools.lru_cache(maxsize=4)
+def all_reference_states(model_dir, manifest):
+    """transformers alone: each utterance run on its own, eval mode; every layer's states."""
+    model = Wav2Vec2Model.from_pretrained(model_dir).eval()
+    fe = Wav2Vec2FeatureExtractor.from_pretrained(model_dir)
+    out = {}
+    for u in load_manifest(manifest).utterances:
+        samples, _, _ = load_audio(u.path)
+        values = fe(samples, sampling_rate=16000, return_tensors="pt").input_values
+        with torch.no_grad():
+            states = model(values, output_hidden_states=True).hidden_states
+        out[u.id] = [h[0].numpy() for h in states]
+    return out
+
+
+def reference_states(model_dir, manifest, layer):
+    return {uid: states[layer] for uid, states in all_reference_states(model_dir, manifest).items()}
+
+
+def max_relative_error(a, b):
+    return float(np.abs(a.astype(np.float64) - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("variant", ["tiny_model", "stable_model"])
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_float32_store_equals_transformers_for_every_layer(variant, batch_size, corpus, tmp_path, request):
+    model_dir = request.getfixturevalue(variant)
+    for layer in range(0, 5):
+        out = tmp_path / f"l{layer}.zarr"
+        build_cache(BuildConfig(manifest=corpus, out=str(out), model=model_dir, layers=layer,
+                                dtype="float32", batch_size=batch_size, progress=False))
+        reference = reference_states(model_dir, corpus, layer)
+        reader = open_cache(out)
+        assert sorted(reader.ids) == sorted(reference)
+        for uid, expected in reference.items():
+            got = reader[uid]
+            assert got.dtype == np.float32 and got.shape == expected.shape
+            assert max_relative_error(got, expected) < 1e-4, (variant, layer, uid)
+
+
+def test_batch_size_does_not_change_states(tiny_model, corpus, tmp_path):
+    stores = []
+    for batch_size in (1, 7):
+        out = tmp_path / f"b{batch_size}.zarr"
+        build_cache(BuildConfig(manifest=corpus, out=str(out), model=tiny_model, layers=3,
+                                dtype="float32", batch_size=batch_size, progress=False))
+        stores.append(open_cache(out))
+    one, many = stores
+    for uid in one.ids:
+        assert max_relative_error(many[uid], one[uid]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("float16", 1e-3), ("bfloat16", 8e-3)])
+def test_low_precision_stores_differ_only_by_rounding(dtype, tolerance, tiny_model, corpus, built_store, tmp_path):
+    out = tmp_path / f"{dtype}.zarr"
+    build_cache(BuildConfig(manifest=corpus, out=str(out), model=tiny_model, layers=2, dtype=dtype,
+                            batch_size=4, progress=False))
+    exact, low = open_cache(built_store), open_cache(out)
+    torch_dtype = getattr(torch, dtype)
+    for uid in exact.ids:
+        reference = exact[uid]
+        got = low[uid]
+        assert got.dtype == (np.float16 if dtype == "float16" else np.float32)
+        # the stored value is the reference rounded to the storage dtype (within one ulp:
+        # float32 rounding of the reference itself may tip a value to the neighbour)
+        rounded = torch.from_numpy(reference).to(torch_dtype).float().numpy()
+        assert np.abs(got.astype(np.float32) - rounded).max() <= tolerance * np.abs(reference).max()
+        assert max_relative_error(got.astype(np.float32), reference) < tolerance
