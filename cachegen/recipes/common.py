@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 from collections import Counter
@@ -23,6 +24,7 @@ CORPUS_COLUMNS = ["id", "path", "split", "activation", "valence", "dominance",
 # Written as text even when they look like numbers (MSP-Podcast speaker ids are digits).
 TEXT_COLUMNS = {"id", "path", "split", "speaker", "gender", "emotion"}
 SPLIT_ORDER = ["train", "dev", "test", "test1", "test2", "test3"]
+logger = logging.getLogger(__name__)
 LISTED = 5  # names shown in a message before "and N more"
 Rows = list[tuple[str, dict[str, str]]]  # (where a row is: `labels.csv line 7`; its cells)
 
@@ -267,6 +269,7 @@ def finish(rows: list[dict[str, str]], *, columns: list[str], out: Path,
                                 f"{row['path']}; ids must be unique")
         first_path[row["id"]] = row["path"]
     rows = sorted(rows, key=lambda row: (_split_key(row["split"]), row["id"]))
+    logger.info("reading the headers of %d audio files", len(rows))
     with ThreadPoolExecutor(max_workers=8) as pool:  # header reads wait on the disk, not the CPU
         seconds = list(pool.map(audio_seconds, [row["path"] for row in rows]))
     unreadable = [row["id"] for row, s in zip(rows, seconds) if s is None]
