@@ -109,6 +109,128 @@ def cache_verify(store, cache_dir):
     click.echo(f"{store}: ok ({report.checked} utterances, every checksum matches)")
 
 
+def _floats(value: str | None, option: str) -> tuple[float, float] | None:
+    if not value:
+        return None
+    try:
+        low, high = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected LOW,HIGH such as 1,7", param_hint=option)
+    return low, high
+
+
+@main.command("train")
+@click.option("--from-cache", "from_cache", default=None, help="Store to train from (strategy cached).")
+@click.option("--manifest", default=None, type=click.Path(dir_okay=False),
+              help="Manifest to train from audio (strategies partial, full, lora).")
+@click.option("--model", default=None, help="Base checkpoint (default: the store's; "
+              "facebook/wav2vec2-base from audio).")
+@click.option("--strategy", type=click.Choice(["cached", "partial", "full", "lora"]), default=None,
+              help="Default: cached with --from-cache, partial with --manifest.")
+@click.option("--top-layers", default=3, show_default=True, help="Transformer layers finetuned (K).")
+@click.option("--targets", default="activation,valence,dominance", show_default=True,
+              help="Label columns to predict, comma-separated.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--labels", default=None, type=click.Path(dir_okay=False),
+              help="Labels table (CSV/Parquet: id, targets, split) instead of the store's.")
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--dev-split", default="dev", show_default=True)
+@click.option("--label-range", default=None, help="LOW,HIGH: reject labels outside (e.g. 1,7).")
+@click.option("--loss", type=click.Choice(["ccc", "mse"]), default="ccc", show_default=True)
+@click.option("--lr", default=5e-5, show_default=True, help="Learning rate of transformer layers.")
+@click.option("--head-lr", default=1e-3, show_default=True, help="Learning rate of the head.")
+@click.option("--weight-decay", default=0.01, show_default=True)
+@click.option("--warmup", default=0.1, show_default=True, help="Warmup, as a fraction of all steps.")
+@click.option("--clip", default=1.0, show_default=True, help="Gradient norm clipping (0: off).")
+@click.option("--dropout", default=0.1, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--max-frames", type=int, default=None, help="Random crop of longer utterances in training.")
+@click.option("--early-stop", type=int, default=None, help="Stop after N epochs without dev gain.")
+@click.option("--amp", type=click.Choice(["bf16", "fp16", "no"]), default=None,
+              help="Mixed precision (default: bf16/fp16 on GPU, no on CPU).")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda if available).")
+@click.option("--lora-rank", default=8, show_default=True)
+@click.option("--lora-alpha", default=16, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="Background reading threads.")
+@click.option("--cache-dir", default=None, help="Keep fetched remote chunks here.")
+@click.option("--audio-root", default=None, type=click.Path(file_okay=False))
+@click.option("--no-progress", is_flag=True)
+def train_command(targets, label_range, no_progress, **options):
+    """Finetune the top K layers and a regression head (from a store or from audio)."""
+    from headtrain import TrainConfig, train
+
+    result = train(TrainConfig(targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+                               label_range=_floats(label_range, "--label-range"),
+                               progress=not no_progress, **options))
+    dev = ", ".join(f"{t} {m['ccc']:.3f}" for t, m in (result.best_dev or {}).items())
+    click.echo(f"best epoch {result.best_epoch}: dev CCC {dev}; run written to {result.run_dir} "
+               f"(curves.png, log.jsonl, config.json, model.safetensors)")
+
+
+@main.command("evaluate")
+@click.argument("run", type=click.Path(file_okay=False, exists=True))
+@click.option("--from-cache", "from_cache", default=None, help="Store holding the split.")
+@click.option("--manifest", default=None, type=click.Path(dir_okay=False), help="Or: evaluate from audio.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--labels", default=None, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--model", default=None, help="Base checkpoint, if moved since training.")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--device", default=None)
+@click.option("--cache-dir", default=None)
+@click.option("--audio-root", default=None, type=click.Path(file_okay=False))
+def evaluate_command(**options):
+    """Metrics, predictions.csv and a scatter plot of RUN on one split."""
+    from headtrain import EvaluateConfig, evaluate
+
+    metrics = evaluate(EvaluateConfig(**options))
+    for target, values in metrics.items():
+        click.echo(f"{target}: CCC {values['ccc']:.3f}, Pearson {values['pearson']:.3f}, MSE {values['mse']:.4f}")
+    click.echo(f"written: {options['out']}/metrics.json, predictions.csv, scatter.png")
+
+
+@main.command("predict")
+@click.argument("run", type=click.Path(file_okay=False, exists=True))
+@click.argument("audio", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--manifest", default=None, type=click.Path(dir_okay=False))
+@click.option("--split", default=None)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Predictions CSV.")
+@click.option("--model", default=None, help="Base checkpoint, if moved since training.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--device", default=None)
+@click.option("--audio-root", default=None, type=click.Path(file_okay=False))
+def predict_command(audio, **options):
+    """Predict from raw audio with a run or an exported model (no store needed)."""
+    from headtrain import PredictConfig, predict
+
+    count = predict(PredictConfig(audio=tuple(audio), **options))
+    click.echo(f"predicted {count} utterances into {options['out']}")
+
+
+@main.command("export")
+@click.argument("run", type=click.Path(file_okay=False, exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--model", default=None, help="Base checkpoint, if moved since training.")
+def export_command(run, out, model):
+    """Write a self-contained model directory (whole network, LoRA merged)."""
+    from headtrain import export
+
+    path = export(run, out, model=model)
+    click.echo(f"exported to {path} (transformers model + head.safetensors + ser_head.json)")
+
+
+@main.command("demo")
+@click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False))
+@click.option("--epochs", default=8, show_default=True)
+def demo_command(out, epochs):
+    """Offline end to end: synthetic corpus, tiny random model, cache, train, evaluate."""
+    from headtrain.demo import run_demo
+
+    run_demo(out, epochs=epochs, echo=click.echo)
+
+
 @main.group()
 def prepare() -> None:
     """Turn a downloaded corpus into a manifest (id, path, split, labels)."""

@@ -56,15 +56,16 @@ def embed(model, waveforms: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return encoder.dropout(hidden), mask
 
 
-def run_layers(model, hidden: torch.Tensor, mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Transformer layers start+1..stop (1-based) on (B, T, D) states; padded frames are masked."""
+def run_layers(config, layers, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Run transformer `layers` (a sequence of encoder layers) on (B, T, D) states; padded
+    frames are masked out of attention."""
     from transformers.masking_utils import create_bidirectional_mask
 
-    if start == stop:
+    if len(layers) == 0:
         return hidden
-    attention_mask = create_bidirectional_mask(config=model.config, inputs_embeds=hidden,
+    attention_mask = create_bidirectional_mask(config=config, inputs_embeds=hidden,
                                                attention_mask=mask)
-    for layer in model.encoder.layers[start:stop]:
+    for layer in layers:
         hidden = layer(hidden, attention_mask=attention_mask)
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden
     return hidden
@@ -73,6 +74,12 @@ def run_layers(model, hidden: torch.Tensor, mask: torch.Tensor, start: int, stop
 def finish(model, hidden: torch.Tensor) -> torch.Tensor:
     """Stable-layer-norm (large) encoders normalise after the last layer."""
     return model.encoder.layer_norm(hidden) if model.config.do_stable_layer_norm else hidden
+
+
+def audio_frames(model, samples: int, sample_rate: int) -> int:
+    """Frames the encoder yields for a file of `samples` at `sample_rate` once resampled to
+    16 kHz (soxr yields round(samples * 16000 / rate) samples)."""
+    return frame_counts(model, [round(samples * 16000 / sample_rate)])[0]
 
 
 class LowerStack:
@@ -88,6 +95,6 @@ class LowerStack:
         """Normalised 16 kHz waveforms -> one (frames, hidden) float32 tensor per utterance."""
         tensors = [torch.from_numpy(np.asarray(w, dtype=np.float32)).to(self.device) for w in waveforms]
         hidden, mask = embed(self.model, tensors)
-        hidden = run_layers(self.model, hidden, mask, 0, self.layers)
+        hidden = run_layers(self.model.config, self.model.encoder.layers[:self.layers], hidden, mask)
         counts = mask.sum(dim=1).tolist()
         return [hidden[i, :n].float().cpu() for i, n in enumerate(counts)]

@@ -1,0 +1,142 @@
+"""Batches for training and evaluation, from a store (states) or from audio.
+
+The batch plan depends only on the seed, the epoch and the utterance lengths in frames, so the
+same seed gives the same batches from a cache or from audio. Reading runs in background
+threads, a few batches ahead of the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BUCKET_BATCHES = 32  # batches per sorting bucket: enough to cut padding, small enough to shuffle
+
+
+@dataclass
+class Batch:
+    ids: list[str]
+    inputs: object  # (B, T, D) float32 states, or a list of (S_i,) waveforms
+    mask: torch.Tensor | None  # (B, T) bool for states; None for audio (the model derives it)
+    targets: torch.Tensor | None  # (B, targets), standardised
+
+
+def plan_batches(lengths: list[int], *, batch_size: int, seed: int, epoch: int,
+                 shuffle: bool = True) -> list[list[int]]:
+    """Index batches: shuffled, then sorted by length within buckets of BUCKET_BATCHES batches,
+    then the batch order shuffled. Without `shuffle`: sorted by length (evaluation)."""
+    order = np.arange(len(lengths))
+    lengths = np.asarray(lengths)
+    if not shuffle:
+        order = order[np.argsort(lengths, kind="stable")]
+        return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(order)
+    bucket = batch_size * BUCKET_BATCHES
+    batches = []
+    for start in range(0, len(order), bucket):
+        chunk = order[start:start + bucket]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size].tolist() for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def crop_start(seed: int, epoch: int, index: int, frames: int, max_frames: int) -> int:
+    """Where a random crop of `max_frames` starts: fixed by seed, epoch and utterance."""
+    if not max_frames or frames <= max_frames:
+        return 0
+    return int(np.random.default_rng([seed, epoch, index]).integers(0, frames - max_frames + 1))
+
+
+class CacheSource:
+    """Hidden states from a store; lengths from its index (no data read)."""
+
+    kind = "states"
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def length(self, uid: str) -> int:
+        return self.reader.frames(uid)
+
+    def load(self, uid: str, crop: tuple[int, int] | None = None) -> torch.Tensor:
+        states = torch.from_numpy(np.asarray(self.reader[uid], dtype=np.float32))  # (T, D)
+        if crop:
+            states = states[crop[0]:crop[0] + crop[1]]
+        return states
+
+
+class AudioSource:
+    """Normalised 16 kHz waveforms decoded from files; lengths from headers (no decoding)."""
+
+    kind = "audio"
+
+    def __init__(self, paths: dict[str, str], model, feature_extractor):
+        import soundfile as sf
+
+        from cachegen.lower import audio_frames
+
+        self.paths = paths
+        self.feature_extractor = feature_extractor
+        self.stride = int(np.prod(model.config.conv_stride))
+        self.receptive_field = 1
+        jump = 1
+        for kernel, stride in zip(model.config.conv_kernel, model.config.conv_stride):
+            self.receptive_field += (kernel - 1) * jump
+            jump *= stride
+        self._lengths = {}
+        for uid, path in paths.items():
+            info = sf.info(path)
+            self._lengths[uid] = audio_frames(model, info.frames, info.samplerate)
+
+    def length(self, uid: str) -> int:
+        return self._lengths[uid]
+
+    def load(self, uid: str, crop: tuple[int, int] | None = None) -> torch.Tensor:
+        from cachegen.audio import SAMPLE_RATE, load_audio
+
+        samples, _, _ = load_audio(self.paths[uid])
+        if crop:  # the samples behind frames [start, start + count)
+            start, count = crop
+            samples = samples[start * self.stride:(start + count - 1) * self.stride + self.receptive_field]
+        values = self.feature_extractor(samples, sampling_rate=SAMPLE_RATE, return_tensors="np").input_values[0]
+        return torch.from_numpy(values.astype(np.float32))
+
+
+def collate(source, ids: list[str], items: list[torch.Tensor], targets) -> Batch:
+    from cachegen.lower import pad_frames
+
+    target_tensor = None if targets is None else torch.as_tensor(targets, dtype=torch.float32)
+    if source.kind == "audio":
+        return Batch(ids=ids, inputs=items, mask=None, targets=target_tensor)
+    states, mask = pad_frames(items)
+    return Batch(ids=ids, inputs=states, mask=mask, targets=target_tensor)
+
+
+def iterate_batches(source, ids: list[str], targets: np.ndarray | None, plan: list[list[int]], *,
+                    seed: int = 0, epoch: int = 0, max_frames: int | None = None,
+                    workers: int = 2, ahead: int = 4) -> Iterator[Batch]:
+    """Yield the planned batches in order, reading up to `ahead` batches in the background."""
+
+    def read(batch: list[int]) -> Batch:
+        items = []
+        for index in batch:
+            uid = ids[index]
+            frames = source.length(uid)
+            start = crop_start(seed, epoch, index, frames, max_frames or 0)
+            crop = (start, max_frames) if max_frames and frames > max_frames else None
+            items.append(source.load(uid, crop))
+        return collate(source, [ids[i] for i in batch], items,
+                       None if targets is None else targets[batch])
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending = [pool.submit(read, b) for b in plan[:ahead]]
+        for i in range(len(plan)):
+            if i + ahead < len(plan):
+                pending.append(pool.submit(read, plan[i + ahead]))
+            yield pending[i].result()
+            pending[i] = None

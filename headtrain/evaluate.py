@@ -1,0 +1,136 @@
+"""`ser evaluate`: metrics, predictions and a scatter plot for one split of a store or manifest."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def predict_split(model, source, ids: list[str], *, batch_size: int, device, accelerator=None,
+                  workers: int = 2) -> np.ndarray:
+    """Standardised predictions (N, targets) in the order of `ids`; eval mode, length-sorted batches."""
+    from .data import iterate_batches, plan_batches
+
+    was_training = model.training
+    model.eval()
+    plan = plan_batches([source.length(uid) for uid in ids], batch_size=batch_size, seed=0, epoch=0,
+                        shuffle=False)
+    out = np.zeros((len(ids), 0))
+    rows = []
+    for indices, batch in zip(plan, iterate_batches(source, ids, None, plan, workers=workers)):
+        inputs = ([w.to(device) for w in batch.inputs] if isinstance(batch.inputs, list)
+                  else batch.inputs.to(device))
+        mask = None if batch.mask is None else batch.mask.to(device)
+        if accelerator is not None:
+            with accelerator.autocast():
+                pred = model(inputs, mask)
+        else:
+            pred = model(inputs, mask)
+        rows.append((indices, pred.float().cpu().numpy()))
+    if rows:
+        out = np.zeros((len(ids), rows[0][1].shape[1]))
+        for indices, pred in rows:
+            out[indices] = pred
+    model.train(was_training)
+    return out
+
+
+def write_predictions(path: Path, ids: list[str], splits: list[str | None], targets: list[str],
+                      pred: np.ndarray, true: np.ndarray | None) -> None:
+    """CSV: id, split, then <target> (if known) and <target>_pred per target."""
+    header = ["id", "split"]
+    for target in targets:
+        header += ([target] if true is not None else []) + [f"{target}_pred"]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for i, uid in enumerate(ids):
+            row = [uid, splits[i] or ""]
+            for j in range(len(targets)):
+                row += ([f"{true[i, j]:.6g}"] if true is not None else []) + [f"{pred[i, j]:.6g}"]
+            writer.writerow(row)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    run: str
+    out: str
+    from_cache: str | None = None
+    manifest: str | None = None
+    split: str = "test"
+    labels: str | None = None
+    model: str | None = None  # base checkpoint, if not where the run recorded it
+    batch_size: int = 16
+    device: str | None = None
+    cache_dir: str | None = None
+    audio_root: str | None = None
+
+    def validate(self) -> None:
+        from cachegen.errors import ConfigError
+        if bool(self.from_cache) == bool(self.manifest):
+            raise ConfigError("pass exactly one of --from-cache STORE or --manifest MANIFEST")
+
+
+def evaluate(config: EvaluateConfig) -> dict:
+    """Write metrics.json, predictions.csv and scatter.png for `config.split` into `config.out`.
+
+    Returns the metrics: {target: {"ccc", "pearson", "mse"}}.
+    """
+    from .labels import load_splits, read_labels
+    from .metrics import target_metrics
+    from .plots import plot_scatter
+    from .run import write_json
+
+    config.validate()
+    run, source, table, table_name, available = open_for_run(
+        config.run, from_cache=config.from_cache, manifest=config.manifest, model=config.model,
+        cache_dir=config.cache_dir, audio_root=config.audio_root)
+    if config.labels:
+        table, table_name = read_labels(config.labels), config.labels
+    split = load_splits(table, source=table_name, targets=run.targets, splits=[config.split],
+                        available=available)[config.split]
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = run.model.to(device)
+    pred = run.to_label_scale(predict_split(model, source, split.ids, batch_size=config.batch_size,
+                                            device=device))
+    metrics = target_metrics(pred, split.targets, run.targets)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(metrics, out / "metrics.json")
+    write_predictions(out / "predictions.csv", split.ids, [config.split] * len(split.ids), run.targets, pred, split.targets)
+    plot_scatter(pred, split.targets, run.targets, metrics, str(out / "scatter.png"))
+    return metrics
+
+
+def open_for_run(run_dir: str, *, from_cache: str | None, manifest: str | None,
+                 model: str | None = None, cache_dir: str | None = None, audio_root: str | None = None):
+    """A trained run and a source of inputs for it: (run, source, table, table name, ids)."""
+    from cachegen.manifest import load_manifest
+
+    from .data import AudioSource, CacheSource
+    from .run import load_run
+
+    if from_cache:
+        from cachegen import open_cache
+
+        reader = open_cache(from_cache, cache_dir=cache_dir)
+        run = load_run(run_dir, from_audio=False, cache_layer=reader.meta["layers"], model=model)
+        check_run_store(run_dir, run.info, reader.meta)
+        return run, CacheSource(reader), reader.table, f"{from_cache} (manifest table)", set(reader.ids)
+    loaded_manifest = load_manifest(manifest, audio_root=audio_root)
+    run = load_run(run_dir, from_audio=True, model=model)
+    paths = {u.id: u.path for u in loaded_manifest.utterances}
+    source = AudioSource(paths, run.model.backbone, run.feature_extractor)
+    return run, source, loaded_manifest.table, manifest, set(paths)
+
+
+def check_run_store(run_dir: str, info: dict, meta: dict) -> None:
+    from cachegen.errors import StoreMismatch
+    if info.get("model_sha256") and meta["model_sha256"] != info["model_sha256"]:
+        raise StoreMismatch(f"{run_dir} was trained on weights sha256 {info['model_sha256'][:12]}…, "
+                            f"the store on {meta['model_sha256'][:12]}…: they do not belong together")

@@ -1,0 +1,36 @@
+"""`ser export`: a self-contained model directory that needs neither ser nor the base model.
+
+The directory holds a transformers Wav2Vec2Model/HubertModel (config.json, model.safetensors,
+preprocessor_config.json) with the trained layers (LoRA merged) and the regression head
+(head.safetensors, ser_head.json). docs/export.md shows how to use it with transformers alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .run import EXPORT_FORMAT, RUN_FORMAT_VERSION, load_run, save_tensors, write_json
+from .upper import merge_lora
+
+
+def export(run_dir: str, out: str, *, model: str | None = None) -> Path:
+    """Write the whole trained network of `run_dir` to `out`; returns the output path."""
+    run = load_run(run_dir, from_audio=True, model=model)
+    emotion = run.model
+    merge_lora(emotion.backbone)
+    backbone = emotion.backbone
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backbone.save_pretrained(out_dir)
+    run.feature_extractor.save_pretrained(out_dir)
+    save_tensors({n: t.detach() for n, t in emotion.head.state_dict().items()}, out_dir / "head.safetensors")
+    write_json({
+        "format": EXPORT_FORMAT, "format_version": RUN_FORMAT_VERSION, "strategy": "full",
+        "targets": run.targets, "label_mean": run.mean.tolist(), "label_std": run.std.tolist(),
+        "top_layers": backbone.config.num_hidden_layers,
+        "head": "masked mean over frames -> Linear(D, D) -> tanh -> Linear(D, targets); "
+                "prediction = output * label_std + label_mean",
+        "trained_from": {k: run.info.get(k) for k in ("model_id", "model_sha256", "strategy",
+                                                      "cache_layer", "top_layers", "best_epoch")},
+    }, out_dir / "ser_head.json")
+    return out_dir

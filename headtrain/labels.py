@@ -1,0 +1,99 @@
+"""Labels joined by id, validated up front: every problem is reported at once, rows named."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from cachegen.errors import ManifestError
+
+MAX_LISTED = 10
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str
+    ids: list[str]
+    targets: np.ndarray  # (N, targets), label scale
+
+
+def _listed(items: list[str]) -> str:
+    shown = ", ".join(items[:MAX_LISTED])
+    return shown + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
+
+
+def read_labels(path: str) -> pa.Table:
+    """A labels table (CSV/Parquet: id, targets, optional split) with numeric columns parsed."""
+    from cachegen.manifest import parse_labels, read_table
+
+    table, offset = read_table(path)
+    if "id" not in table.column_names:
+        raise ManifestError(f"{path}: labels table needs an 'id' column (found: "
+                            f"{', '.join(table.column_names)})")
+    problems: list[str] = []
+    table = parse_labels(table, offset, path, problems)
+    if problems:
+        raise ManifestError(f"{path}: " + "; ".join(problems))
+    return table
+
+
+def load_splits(table: pa.Table, *, source: str, targets: list[str], splits: list[str],
+                available: set[str] | None = None,
+                label_range: tuple[float, float] | None = None) -> dict[str, Split]:
+    """Rows of each named split with their target values.
+
+    Raises:
+        ManifestError: naming every problem: unknown target columns, no split column, a split
+            without rows, duplicate ids, blank/NaN/out-of-range labels, ids not in the store.
+    """
+    columns = table.column_names
+    unknown = [t for t in targets if t not in columns]
+    if unknown:
+        numeric = [c for c in columns if pa.types.is_floating(table.schema.field(c).type)]
+        raise ManifestError(f"{source}: no label column(s) {', '.join(unknown)}; numeric columns: "
+                            f"{', '.join(numeric) or 'none'}")
+    not_numeric = [t for t in targets if not pa.types.is_floating(table.schema.field(t).type)]
+    if not_numeric:
+        raise ManifestError(f"{source}: label column(s) {', '.join(not_numeric)} hold text, not numbers")
+    if "split" not in columns:
+        raise ManifestError(f"{source}: no 'split' column; add one (train/dev/test) or pass --labels "
+                            "with a split column")
+    rows = table.select(["id", "split", *targets]).to_pylist()
+    found = sorted({r["split"] for r in rows if r["split"] is not None})
+    problems = []
+    for name in splits:
+        if not any(r["split"] == name for r in rows):
+            problems.append(f"split '{name}' has no rows (splits found: {', '.join(found) or 'none'})")
+    used = [r for r in rows if r["split"] in splits]
+    seen, duplicates = set(), []
+    for r in used:
+        if r["id"] in seen:
+            duplicates.append(r["id"])
+        seen.add(r["id"])
+    if duplicates:
+        problems.append(f"duplicate id(s) {_listed(duplicates)}")
+    for target in targets:
+        blank = [r["id"] for r in used if r[target] is None or math.isnan(r[target])]
+        if blank:
+            problems.append(f"'{target}' is blank or NaN for {len(blank)} row(s): {_listed(blank)}")
+        if label_range:
+            low, high = label_range
+            outside = [f"{r['id']}={r[target]:g}" for r in used if r[target] is not None
+                       and not math.isnan(r[target]) and not low <= r[target] <= high]
+            if outside:
+                problems.append(f"'{target}' outside [{low:g}, {high:g}] for {len(outside)} row(s): "
+                                f"{_listed(outside)}")
+    if available is not None:
+        absent = [r["id"] for r in used if r["id"] not in available]
+        if absent:
+            problems.append(f"{len(absent)} id(s) not in the store: {_listed(absent)} (the build "
+                            "skipped or never saw them: rebuild, or drop these rows)")
+    if problems:
+        raise ManifestError(f"{source}: " + "; ".join(problems))
+    return {name: Split(name=name, ids=[r["id"] for r in used if r["split"] == name],
+                        targets=np.array([[r[t] for t in targets] for r in used if r["split"] == name],
+                                         dtype=np.float64).reshape(-1, len(targets)))
+            for name in splits}

@@ -1,0 +1,88 @@
+"""The training loop: one function for every strategy (they differ in model and batches)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+
+from cachegen.errors import SerError
+
+log = logging.getLogger(__name__)
+MAX_BAD_STEPS = 20  # consecutive non-finite losses before training stops
+
+
+class TrainingDiverged(SerError):
+    """The loss stayed NaN/Inf."""
+
+
+def fit(*, model, optimizer, scheduler, accelerator, loss_fn: Callable, epochs: int, clip: float,
+        train_batches: Callable[[int], Iterable], evaluate: Callable[[], dict],
+        on_epoch: Callable[[dict, bool], None], early_stop: int | None = None,
+        start_epoch: int = 0, best: float = -math.inf, progress: bool = True,
+        steps_per_epoch: int | None = None) -> list[dict]:
+    """prepare'd model/optimizer/scheduler -> for epoch: for batch: forward, backward, clip,
+    step -> evaluate dev -> on_epoch(record, improved). Returns the per-epoch records.
+
+    A step whose loss is NaN/Inf is skipped (no update); MAX_BAD_STEPS in a row raise
+    TrainingDiverged, so a NaN never reaches a checkpoint.
+    """
+    from tqdm import tqdm
+
+    history, stale, bad_in_a_row = [], 0, 0
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        started, seen, loss_sum, steps, skipped = time.perf_counter(), 0, 0.0, 0, 0
+        bar = tqdm(train_batches(epoch), desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
+                   total=steps_per_epoch, dynamic_ncols=True,
+                   disable=not progress or not accelerator.is_main_process, leave=False)
+        for batch in bar:
+            with accelerator.autocast():
+                pred = model(batch.inputs, batch.mask)  # (B, targets)
+            loss = loss_fn(pred, batch.targets)
+            if not torch.isfinite(loss):
+                skipped += 1
+                bad_in_a_row += 1
+                optimizer.zero_grad(set_to_none=True)
+                if bad_in_a_row >= MAX_BAD_STEPS:
+                    raise TrainingDiverged(
+                        f"loss was NaN/Inf for {bad_in_a_row} steps in a row (epoch {epoch + 1}); "
+                        "lower --lr, try --amp bf16 or no, and check the labels; the best "
+                        "checkpoint so far is kept")
+                continue
+            bad_in_a_row = 0
+            accelerator.backward(loss)
+            if clip:
+                accelerator.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.item()
+            steps += 1
+            seen += len(batch.ids)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        seconds = time.perf_counter() - started
+        dev = evaluate()
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / steps if steps else None,
+                  "dev": dev["metrics"], "dev_mean_ccc": dev["mean_ccc"], "seconds": seconds,
+                  "utterances_per_second": seen / seconds if seconds else None,
+                  "skipped_steps": skipped, "lr": scheduler.get_last_lr()[0]}
+        improved = math.isfinite(dev["mean_ccc"]) and dev["mean_ccc"] > best
+        if improved:
+            best, stale = dev["mean_ccc"], 0
+        else:
+            stale += 1
+        history.append(record)
+        on_epoch(record, improved)
+        log.info("epoch %d/%d: train loss %s, dev CCC %s (mean %.3f)%s, %.1f s, %.1f utt/s",
+                 epoch + 1, epochs, f"{record['train_loss']:.4f}" if steps else "n/a",
+                 ", ".join(f"{t} {m['ccc']:.3f}" for t, m in dev["metrics"].items()),
+                 dev["mean_ccc"], " *best*" if improved else "", seconds,
+                 record["utterances_per_second"] or 0)
+        if early_stop and stale >= early_stop:
+            log.info("early stop: dev CCC did not improve for %d epochs", stale)
+            break
+    return history

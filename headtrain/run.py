@@ -1,0 +1,129 @@
+"""The run directory: trained tensors (safetensors), config.json, logs; and rebuilding a model
+from it. Nothing in a run directory is pickled."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cachegen.errors import ConfigError, StoreMismatch, UnsafeInput
+
+RUN_FORMAT = "ser-run"
+RUN_FORMAT_VERSION = 1
+EXPORT_FORMAT = "ser-export"
+WEIGHTS = "model.safetensors"
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Atomically write safetensors, refusing non-finite values (never a NaN checkpoint)."""
+    from safetensors.torch import save_file
+
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"refusing to save non-finite tensors: {', '.join(bad[:5])}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".partial")
+    os.close(fd)
+    try:
+        save_file({n: t.contiguous() for n, t in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_json(data: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".partial")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+@dataclass
+class LoadedRun:
+    model: torch.nn.Module  # EmotionModel, eval mode
+    info: dict  # config.json of the run (or the export's ser_head.json)
+    feature_extractor: object
+    targets: list[str]
+    mean: np.ndarray
+    std: np.ndarray
+
+    def to_label_scale(self, standardised: np.ndarray) -> np.ndarray:
+        return standardised * self.std + self.mean
+
+
+def read_run_info(run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    for name, kind in (("config.json", RUN_FORMAT), ("ser_head.json", EXPORT_FORMAT)):
+        path = run_dir / name
+        if path.is_file():
+            info = json.loads(path.read_text())
+            if info.get("format") != kind:
+                continue
+            if info.get("format_version") != RUN_FORMAT_VERSION:
+                raise ConfigError(f"{run_dir}: run format version {info.get('format_version')} is "
+                                  f"not supported (this ser reads {RUN_FORMAT_VERSION})")
+            return info
+    raise ConfigError(f"{run_dir}: not a ser run or export directory (no config.json from `ser train` "
+                      "or ser_head.json from `ser export`)")
+
+
+def load_run(run_dir: str | Path, *, from_audio: bool, cache_layer: int | None = None,
+             model: str | None = None) -> LoadedRun:
+    """Rebuild a trained model from a run (or export) directory.
+
+    Args:
+        from_audio: build the whole network (audio in); else start from states at `cache_layer`.
+        model: where to load the base checkpoint from, if not where the run recorded it.
+
+    Raises:
+        StoreMismatch: the base checkpoint's weights are not the ones the run trained on.
+    """
+    from safetensors.torch import load_file
+
+    from cachegen.model import load_model
+
+    from .upper import EmotionModel
+
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir)
+    exported = info["format"] == EXPORT_FORMAT
+    weights = run_dir / ("head.safetensors" if exported else WEIGHTS)
+    if weights.suffix != ".safetensors":
+        raise UnsafeInput(f"{weights}: only safetensors are loaded")
+    if not weights.is_file():
+        raise ConfigError(f"{run_dir}: {weights.name} is missing (training never finished an epoch?)")
+    loaded = load_model(str(run_dir) if exported else (model or info["model_id"]))
+    if not exported and loaded.weights_sha256 != info["model_sha256"]:
+        raise StoreMismatch(f"{run_dir}: trained on weights sha256 {info['model_sha256'][:12]}…, but "
+                            f"'{model or info['model_id']}' has {loaded.weights_sha256[:12]}…; pass "
+                            "--model with the base checkpoint the run was trained from")
+    layers = loaded.num_layers
+    trained_from = layers - info["top_layers"] if info["strategy"] != "full" else 0
+    if not from_audio and info["strategy"] == "full":
+        raise ConfigError(f"{run_dir}: full finetuning also trained the layers below any cache; "
+                          "evaluate it from audio (--manifest) instead of --from-cache")
+    if not from_audio:
+        if cache_layer is None or cache_layer > trained_from:
+            raise ConfigError(f"a store at layer {cache_layer} cannot feed this run: its layers "
+                              f"{trained_from + 1}..{layers} were trained; use a store built with "
+                              f"--layers {trained_from} or less, or predict from audio")
+    strategy = "full" if exported else info["strategy"]
+    emotion = EmotionModel(loaded.model, strategy=strategy, cache_layer=cache_layer or 0,
+                           top_layers=info["top_layers"], targets=len(info["targets"]), dropout=0.0,
+                           from_audio=from_audio, lora_rank=info.get("lora_rank", 8),
+                           lora_alpha=info.get("lora_alpha", 16))
+    tensors = load_file(str(weights))
+    if exported:
+        emotion.head.load_state_dict(tensors)
+    else:
+        emotion.load_trained_state(tensors)
+    emotion.eval()
+    return LoadedRun(model=emotion, info=info, feature_extractor=loaded.feature_extractor,
+                     targets=info["targets"], mean=np.array(info["label_mean"]),
+                     std=np.array(info["label_std"]))
+

@@ -1,0 +1,301 @@
+"""`ser train`: finetune the top layers and a regression head, from a store or from audio."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cachegen.errors import ConfigError, StoreMismatch
+
+from .labels import Split, load_splits, read_labels
+from .upper import STRATEGIES
+
+log = logging.getLogger(__name__)
+AMP_CHOICES = ("bf16", "fp16", "no")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of `ser train`; `validate` checks every cross-field rule before work starts."""
+    out: str
+    targets: tuple[str, ...] = ("activation", "valence", "dominance")
+    from_cache: str | None = None
+    manifest: str | None = None
+    model: str | None = None  # default: the store's model, or facebook/wav2vec2-base for audio
+    strategy: str | None = None  # default: cached with a store, partial with a manifest
+    top_layers: int = 3
+    labels: str | None = None
+    train_split: str = "train"
+    dev_split: str = "dev"
+    label_range: tuple[float, float] | None = None
+    loss: str = "ccc"
+    lr: float = 5e-5
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.1  # fraction of all steps
+    clip: float = 1.0
+    dropout: float = 0.1
+    seed: int = 0
+    epochs: int = 10
+    batch_size: int = 16
+    max_frames: int | None = None
+    early_stop: int | None = None
+    amp: str | None = None  # default: bf16 on GPUs that support it, fp16 on older GPUs, no on CPU
+    device: str | None = None
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    workers: int = 2
+    cache_dir: str | None = None
+    audio_root: str | None = None
+    progress: bool = True
+
+    @property
+    def resolved_strategy(self) -> str:
+        return self.strategy or ("cached" if self.from_cache else "partial")
+
+    @property
+    def from_audio(self) -> bool:
+        return self.from_cache is None
+
+    def validate(self) -> None:
+        strategy = self.resolved_strategy
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if strategy == "cached" and not self.from_cache:
+            raise ConfigError("--strategy cached needs --from-cache STORE")
+        if strategy in ("partial", "full") and self.from_cache:
+            raise ConfigError(f"--strategy {strategy} trains from audio: pass --manifest, not --from-cache")
+        if not self.from_cache and not self.manifest:
+            raise ConfigError("nothing to train from: pass --from-cache STORE or --manifest MANIFEST")
+        if self.from_cache and self.manifest:
+            raise ConfigError("pass either --from-cache or --manifest, not both (use --labels for "
+                              "other labels on a store)")
+        if not self.targets:
+            raise ConfigError("--targets: name at least one label column")
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"--targets {','.join(self.targets)}: a target is named twice")
+        if self.top_layers < 1:
+            raise ConfigError(f"--top-layers {self.top_layers}: must be at least 1")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.loss not in ("ccc", "mse"):
+            raise ConfigError(f"--loss {self.loss!r}: choose ccc or mse")
+        if self.amp is not None and self.amp not in AMP_CHOICES:
+            raise ConfigError(f"--amp {self.amp!r}: choose one of {', '.join(AMP_CHOICES)}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ConfigError(f"--max-frames {self.max_frames}: must be at least 1")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout {self.dropout}: must be in [0, 1)")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"--warmup {self.warmup}: a fraction of the steps, in [0, 1)")
+        if self.train_split == self.dev_split:
+            raise ConfigError(f"--train-split and --dev-split are both '{self.train_split}'")
+        if self.label_range and self.label_range[0] >= self.label_range[1]:
+            raise ConfigError(f"--label-range {self.label_range}: LOW must be below HIGH")
+        device = self.resolved_device
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+        if self.resolved_amp == "fp16" and not device.startswith("cuda"):
+            raise ConfigError("--amp fp16 needs a CUDA GPU; on CPU use --amp bf16 or --amp no")
+
+    @property
+    def resolved_device(self) -> str:
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def resolved_amp(self) -> str:
+        if self.amp:
+            return self.amp
+        if self.resolved_device.startswith("cuda"):
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    best_epoch: int
+    best_dev: dict
+    history: list[dict] = field(default_factory=list)
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+
+
+def standardisation(split: Split) -> tuple[np.ndarray, np.ndarray]:
+    mean = split.targets.mean(0)
+    std = split.targets.std(0)
+    return mean, np.where(std > 0, std, 1.0)
+
+
+def open_sources(config: TrainConfig):
+    """(source, labels table and its name, LoadedModel, cache layer, store meta) for a config."""
+    from cachegen.manifest import load_manifest
+    from cachegen.model import DEFAULT_MODEL, load_model
+
+    from .data import AudioSource, CacheSource
+
+    if config.from_cache:
+        from cachegen import open_cache
+
+        reader = open_cache(config.from_cache, cache_dir=config.cache_dir)
+        meta = reader.meta
+        loaded = load_model(config.model or meta["model_id"])
+        check_store_matches(reader.location, meta, loaded)
+        table, table_name = reader.table, f"{config.from_cache} (manifest table)"
+        source, cache_layer = CacheSource(reader), meta["layers"]
+    else:
+        manifest = load_manifest(config.manifest, audio_root=config.audio_root)
+        loaded = load_model(config.model or DEFAULT_MODEL)
+        table, table_name = manifest.table, config.manifest
+        paths = {u.id: u.path for u in manifest.utterances}
+        source, cache_layer, meta = AudioSource(paths, loaded.model, loaded.feature_extractor), 0, None
+    if config.labels:
+        table, table_name = read_labels(config.labels), config.labels
+    return source, table, table_name, loaded, cache_layer, meta
+
+
+def check_store_matches(location: str, meta: dict, loaded) -> None:
+    if meta["model_sha256"] != loaded.weights_sha256:
+        raise StoreMismatch(
+            f"{location} was built from weights sha256 {meta['model_sha256'][:12]}… but model "
+            f"'{loaded.model_id}' has {loaded.weights_sha256[:12]}…; pass --model with the checkpoint "
+            "the store was built from")
+    for field_name, value in (("hidden_size", loaded.hidden_size), ("num_hidden_layers", loaded.num_layers),
+                              ("do_stable_layer_norm", bool(loaded.config.do_stable_layer_norm))):
+        if meta[field_name] != value:
+            raise StoreMismatch(f"{location}: store has {field_name}={meta[field_name]}, model "
+                                f"'{loaded.model_id}' has {value}")
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train per `config`; writes the run directory `config.out` and returns the best epoch.
+
+    Example:
+        >>> train(TrainConfig(out="runs/a", from_cache="msp.zarr", top_layers=3,
+        ...                   targets=("activation",)))  # doctest: +SKIP
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_linear_schedule_with_warmup
+
+    from .data import iterate_batches, plan_batches
+    from .evaluate import predict_split
+    from .loop import fit
+    from .metrics import LOSSES, mean_ccc, target_metrics
+    from .plots import plot_curves
+    from .run import RUN_FORMAT, RUN_FORMAT_VERSION, WEIGHTS, save_tensors, write_json
+    from .upper import EmotionModel, count_parameters
+
+    config.validate()
+    strategy = config.resolved_strategy
+    source, table, table_name, loaded, cache_layer, store_meta = open_sources(config)
+    layers = loaded.num_layers
+    if config.top_layers > layers - cache_layer and strategy != "full":
+        raise ConfigError(f"--top-layers {config.top_layers} is larger than the {layers - cache_layer} "
+                          f"layers above the cache (layer {cache_layer} of {layers}); use at most "
+                          f"{layers - cache_layer}, or a store built with fewer --layers")
+    available = set(source.reader.ids) if source.kind == "states" else set(source.paths)
+    splits = load_splits(table, source=table_name, targets=list(config.targets),
+                         splits=[config.train_split, config.dev_split], available=available,
+                         label_range=config.label_range)
+    train_split, dev_split = splits[config.train_split], splits[config.dev_split]
+    mean, std = standardisation(train_split)
+
+    total = sum(p.numel() for p in loaded.model.parameters())  # the whole base model
+    set_seed(config.seed)
+    model = EmotionModel(loaded.model, strategy=strategy, cache_layer=cache_layer,
+                         top_layers=layers if strategy == "full" else config.top_layers,
+                         targets=len(config.targets), dropout=config.dropout,
+                         from_audio=config.from_audio, lora_rank=config.lora_rank,
+                         lora_alpha=config.lora_alpha)
+    trainable, _ = count_parameters(model)
+    head_params = [p for p in model.head.parameters()]
+    body_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    optimizer = torch.optim.AdamW([
+        {"params": body_params, "lr": config.lr},
+        {"params": head_params, "lr": config.head_lr},
+    ], weight_decay=config.weight_decay)
+    train_lengths = [source.length(uid) for uid in train_split.ids]
+    steps_per_epoch = math.ceil(len(train_split.ids) / config.batch_size)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(config.warmup * steps_per_epoch * config.epochs), steps_per_epoch * config.epochs)
+    accelerator = Accelerator(mixed_precision=config.resolved_amp,
+                              cpu=config.resolved_device == "cpu")
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    device = accelerator.device
+    train_targets = (train_split.targets - mean) / std
+
+    def to_device(batch):
+        batch.inputs = ([w.to(device) for w in batch.inputs] if isinstance(batch.inputs, list)
+                        else batch.inputs.to(device))
+        batch.mask = None if batch.mask is None else batch.mask.to(device)
+        batch.targets = None if batch.targets is None else batch.targets.to(device)
+        return batch
+
+    def train_batches(epoch: int):
+        plan = plan_batches(train_lengths, batch_size=config.batch_size, seed=config.seed, epoch=epoch)
+        for batch in iterate_batches(source, train_split.ids, train_targets, plan, seed=config.seed,
+                                     epoch=epoch, max_frames=config.max_frames, workers=config.workers):
+            yield to_device(batch)
+
+    def evaluate() -> dict:
+        pred = predict_split(model, source, dev_split.ids, batch_size=config.batch_size,
+                             device=device, accelerator=accelerator, workers=config.workers)
+        metrics = target_metrics(pred * std + mean, dev_split.targets, list(config.targets))
+        return {"metrics": metrics, "mean_ccc": mean_ccc(metrics)}
+
+    run_dir = Path(config.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = {
+        "format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "strategy": strategy,
+        "model_id": loaded.model_id, "model_sha256": loaded.weights_sha256,
+        "num_hidden_layers": layers, "hidden_size": loaded.hidden_size,
+        "cache_layer": cache_layer, "top_layers": layers if strategy == "full" else config.top_layers,
+        "targets": list(config.targets), "label_mean": mean.tolist(), "label_std": std.tolist(),
+        "lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha,
+        "trainable_parameters": trainable, "total_parameters": total,
+        "store": None if store_meta is None else {
+            "location": config.from_cache, "layers": store_meta["layers"], "dtype": store_meta["dtype"],
+            "model_sha256": store_meta["model_sha256"], "format_version": store_meta["format_version"]},
+        "config": asdict(config), "amp": config.resolved_amp, "device": str(device),
+        "train_utterances": len(train_split.ids), "dev_utterances": len(dev_split.ids),
+    }
+    log_path = run_dir / "log.jsonl"
+    log_path.write_text("")
+    best = {"epoch": 0, "dev": None}
+    history: list[dict] = []
+
+    def on_epoch(record: dict, improved: bool) -> None:
+        import json
+
+        history.append(record)
+        if accelerator.is_main_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if improved:
+                save_tensors(accelerator.unwrap_model(model).trained_state(), run_dir / WEIGHTS)
+                best.update(epoch=record["epoch"], dev=record["dev"], mean=record["dev_mean_ccc"])
+                write_json({**info, "best_epoch": best["epoch"], "best_dev": best["dev"]},
+                           run_dir / "config.json")
+            plot_curves(history, str(run_dir / "curves.png"))
+
+    log.info("training %s: %d of %d parameters (%.1f%%) learn; %d train / %d dev utterances; "
+             "amp %s on %s", strategy, trainable, total, 100 * trainable / total,
+             len(train_split.ids), len(dev_split.ids), config.resolved_amp, device)
+    fit(model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
+        loss_fn=LOSSES[config.loss], epochs=config.epochs, clip=config.clip,
+        train_batches=train_batches, evaluate=evaluate, on_epoch=on_epoch,
+        early_stop=config.early_stop, progress=config.progress, steps_per_epoch=steps_per_epoch)
+    if best["epoch"] == 0:  # dev CCC was never finite: keep the last weights, flagged
+        save_tensors(accelerator.unwrap_model(model).trained_state(), run_dir / WEIGHTS)
+        write_json({**info, "best_epoch": len(history), "best_dev": history[-1]["dev"]},
+                   run_dir / "config.json")
+    write_json({"best_epoch": best["epoch"], "dev": best["dev"]}, run_dir / "metrics.json")
+    return TrainResult(run_dir=str(run_dir), best_epoch=best["epoch"], best_dev=best["dev"],
+                       history=history, trainable_parameters=trainable, total_parameters=total)

@@ -1,0 +1,161 @@
+"""The network that trains: (optional) feature encoder, transformer layers, pooling, head.
+
+One module serves every strategy; they differ only in where the input enters and which
+parameters learn:
+
+| strategy | input                | held layers | trained                                       |
+|----------|----------------------|-------------|-----------------------------------------------|
+| full     | audio                | 1..N        | projection, positional conv, all layers, head |
+| partial  | audio                | 1..N        | top K layers, head                            |
+| cached   | states at layer L    | L+1..N      | top K layers, head                            |
+| lora     | audio or states at L | as above    | LoRA adapters on the top K layers, head       |
+
+The convolutional feature encoder is always frozen. Frozen parts stay in eval mode (no
+dropout) so that a frozen layer computes exactly what the cache stored.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cachegen.lower import embed, finish, run_layers
+
+STRATEGIES = ("cached", "partial", "full", "lora")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "intermediate_dense", "output_dense"]
+
+
+class Head(nn.Module):
+    """Masked mean pooling over frames -> dropout -> Linear(D, D) -> tanh -> dropout ->
+    Linear(D, targets): the regression head of Wav2Vec2 emotion models."""
+
+    def __init__(self, hidden: int, targets: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.dense = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, targets)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = mask.to(hidden.dtype)[..., None]  # (B, T, 1)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D)
+        return self.out(self.dropout(torch.tanh(self.dense(self.dropout(pooled)))))
+
+
+class EmotionModel(nn.Module):
+    """`backbone` is a transformers Wav2Vec2Model/HubertModel; this module takes ownership."""
+
+    def __init__(self, backbone, *, strategy: str, cache_layer: int, top_layers: int,
+                 targets: int, dropout: float, from_audio: bool,
+                 lora_rank: int = 8, lora_alpha: int = 16):
+        super().__init__()
+        config = backbone.config
+        layers = config.num_hidden_layers
+        self.strategy, self.from_audio = strategy, from_audio
+        self.first_layer = 0 if from_audio else cache_layer  # layers below are not held
+        self.trained_from = 0 if strategy == "full" else layers - top_layers
+        if not from_audio:  # the cache replaces the encoder and lower layers: drop them
+            backbone.feature_extractor = None
+            backbone.feature_projection = None
+            backbone.encoder.pos_conv_embed = None
+            backbone.encoder.layers = nn.ModuleList(list(backbone.encoder.layers)[cache_layer:])
+        self.backbone = backbone
+        for parameter in backbone.parameters():
+            parameter.requires_grad = False
+        self.set_dropout(dropout)
+        for layer in self.trained_layers():
+            if strategy == "lora":
+                add_lora(layer, rank=lora_rank, alpha=lora_alpha)
+            else:
+                layer.requires_grad_(True)
+        if strategy == "full":
+            backbone.feature_projection.requires_grad_(True)
+            backbone.encoder.pos_conv_embed.requires_grad_(True)
+        if config.do_stable_layer_norm or strategy == "full":
+            backbone.encoder.layer_norm.requires_grad_(strategy != "lora")
+        self.head = Head(config.hidden_size, targets, dropout)
+
+    def trained_layers(self) -> list[nn.Module]:
+        held = list(self.backbone.encoder.layers)
+        return held[self.trained_from - self.first_layer:]
+
+    def set_dropout(self, p: float) -> None:
+        """Dropout of the trained layers (hidden, attention, feed-forward) and the head."""
+        for layer in self.trained_layers():
+            for module in layer.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = p
+            if hasattr(layer.attention, "dropout") and isinstance(layer.attention.dropout, float):
+                layer.attention.dropout = p
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:  # frozen parts compute what the cache holds: never dropout there
+            self.backbone.eval()
+            for layer in self.trained_layers():
+                layer.train()
+            if self.strategy == "full":
+                self.backbone.encoder.train()
+                self.backbone.feature_projection.train()
+        return self
+
+    def forward(self, inputs, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs: list of waveforms (audio) or (B, T, D) states at layer `first_layer` with a
+        (B, T) mask. Returns (B, targets) standardised predictions."""
+        model = self.backbone
+        if self.from_audio:
+            hidden, mask = embed(model, inputs)
+        else:
+            hidden = inputs
+        hidden = run_layers(model.config, model.encoder.layers, hidden, mask)  # (B, T, D)
+        return self.head(finish(model, hidden), mask)
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """Only the tensors that learn, named as in the base model (encoder.layers.{absolute})."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        out = {}
+        for name, tensor in self.state_dict().items():
+            if name in names or ("lora_" in name):
+                out[self.base_name(name)] = tensor.detach().cpu().contiguous()
+        return out
+
+    def base_name(self, name: str) -> str:
+        prefix = "backbone.encoder.layers."
+        if name.startswith(prefix):
+            index, rest = name[len(prefix):].split(".", 1)
+            return f"encoder.layers.{int(index) + self.first_layer}.{rest}"
+        return name.removeprefix("backbone.")
+
+    def load_trained_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = {self.base_name(n): n for n in self.state_dict()}
+        unknown = [n for n in tensors if n not in own]
+        if unknown:
+            raise KeyError(f"tensors not in this model: {', '.join(unknown[:5])}")
+        self.load_state_dict({own[n]: t for n, t in tensors.items()}, strict=False)
+
+
+def add_lora(layer: nn.Module, *, rank: int, alpha: int) -> None:
+    """LoRA adapters (peft) on the attention and feed-forward projections of one layer; the
+    layer's own weights stay frozen."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                       target_modules=LORA_TARGETS), layer)
+    for name, parameter in layer.named_parameters():
+        parameter.requires_grad = "lora_" in name
+
+
+def merge_lora(module: nn.Module) -> None:
+    """Fold LoRA adapters into the weights they adapt and remove the wrappers."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, child in list(module.named_modules()):
+        if isinstance(child, LoraLayer):
+            child.merge()
+            parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+            setattr(parent, name.rsplit(".", 1)[-1], child.get_base_layer())
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters held by the model."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
