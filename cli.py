@@ -221,6 +221,28 @@ def export_command(run, out, model):
     click.echo(f"exported to {path} (transformers model + head.safetensors + ser_head.json)")
 
 
+@main.command("bench")
+@click.option("--manifest", required=True, type=click.Path(dir_okay=False))
+@click.option("--model", default="facebook/wav2vec2-base", show_default=True)
+@click.option("--layers", default=9, show_default=True, help="Cached lower layers (L).")
+@click.option("--top-layers", default=3, show_default=True, help="Finetuned layers (K).")
+@click.option("--strategies", default="full,partial,cached,lora", show_default=True)
+@click.option("--amp", type=click.Choice(["bf16", "fp16", "no"]), default="no", show_default=True)
+@click.option("--batch-size", default=4, show_default=True)
+@click.option("--steps", default=10, show_default=True, help="Timed steps per strategy.")
+@click.option("--warmup-steps", default=2, show_default=True, help="Untimed steps first.")
+@click.option("--device", default=None)
+@click.option("--store", default=None, help="Reuse this store instead of building one.")
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write results here.")
+def bench_command(strategies, **options):
+    """Measure every strategy side by side on identical batches (speed, memory, parameters)."""
+    from headtrain.bench import BenchConfig, bench, format_table
+
+    report = bench(BenchConfig(strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()),
+                               **options))
+    click.echo(format_table(report))
+
+
 @main.command("demo")
 @click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False))
 @click.option("--epochs", default=8, show_default=True)

@@ -1,0 +1,247 @@
+"""`ser bench`: the paper's comparison on your hardware and corpus, side by side in one process.
+
+Every strategy trains the same number of steps on identical batches (same plan, same
+utterances), after warm-up steps that are not timed. Reported per strategy: utterances/s,
+seconds/step, peak memory (CUDA peak allocated on GPU; peak RSS growth on CPU), trainable
+parameters and their share of the model. For `cached`: the one-off build cost, the epoch
+count after which caching has paid for itself, and the share of the step spent waiting for
+data (store-fed against the same compute fed from tensors in memory).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import platform
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from cachegen.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    manifest: str
+    model: str = "facebook/wav2vec2-base"
+    layers: int = 9
+    top_layers: int = 3
+    strategies: tuple[str, ...] = ("full", "partial", "cached", "lora")
+    amp: str = "no"
+    batch_size: int = 4
+    steps: int = 10
+    warmup_steps: int = 2
+    device: str | None = None
+    store: str | None = None  # reuse a store instead of building one (no build cost then)
+    json_out: str | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        from .upper import STRATEGIES
+        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        if unknown:
+            raise ConfigError(f"--strategies: unknown {', '.join(unknown)}; choose from {', '.join(STRATEGIES)}")
+        if self.steps < 1 or self.warmup_steps < 0 or self.batch_size < 1:
+            raise ConfigError("--steps and --batch-size must be at least 1, --warmup-steps at least 0")
+        if self.amp not in ("bf16", "fp16", "no"):
+            raise ConfigError(f"--amp {self.amp!r}: choose bf16, fp16 or no")
+        if self.amp == "fp16" and not (self.device or "").startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("--amp fp16 needs a CUDA GPU; on CPU use --amp bf16 or --amp no")
+
+
+class PeakMemory:
+    """Peak CUDA allocation, or peak resident memory growth sampled every few ms on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self.peak = self.rss()
+            self.running = True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.running = False
+            self.thread.join()
+            self.bytes = self.peak - self.base
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def bench(config: BenchConfig) -> dict:
+    """Run the comparison; returns (and writes to `config.json_out`) the results."""
+    from accelerate import Accelerator
+
+    from cachegen import open_cache
+    from cachegen.build import BuildConfig, build_cache
+    from cachegen.manifest import load_manifest
+    from cachegen.model import load_model
+
+    from .data import AudioSource, CacheSource, iterate_batches, plan_batches
+    from .metrics import ccc_loss
+    from .upper import EmotionModel, count_parameters
+
+    config.validate()
+    manifest = load_manifest(config.manifest)
+    loaded = load_model(config.model)
+    if config.top_layers > loaded.num_layers - config.layers:
+        raise ConfigError(f"--top-layers {config.top_layers} is larger than the "
+                          f"{loaded.num_layers - config.layers} layers above layer {config.layers}")
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    accelerator = Accelerator(mixed_precision=config.amp, cpu=device.type == "cpu")
+    tmp = tempfile.TemporaryDirectory(prefix="ser-bench-")
+    build_seconds = None
+    store = config.store
+    if "cached" in config.strategies or ("lora" in config.strategies and store is None):
+        if store is None:
+            store = os.path.join(tmp.name, "bench.zarr")
+            started = time.perf_counter()
+            build_cache(BuildConfig(manifest=config.manifest, out=store, model=config.model,
+                                    layers=config.layers, batch_size=config.batch_size,
+                                    device=str(device), progress=False))
+            build_seconds = time.perf_counter() - started
+    reader = open_cache(store) if store else None
+    paths = {u.id: u.path for u in manifest.utterances}
+    audio = AudioSource(paths, loaded.model, loaded.feature_extractor)
+    ids = [u.id for u in manifest.utterances if reader is None or u.id in reader]
+    total_steps = config.warmup_steps + config.steps
+    plan = []
+    epoch = 0
+    while len(plan) < total_steps:  # identical batches for every strategy
+        plan += plan_batches([audio.length(u) for u in ids], batch_size=config.batch_size,
+                             seed=config.seed, epoch=epoch)
+        epoch += 1
+    plan = plan[:total_steps]
+    total_parameters = sum(p.numel() for p in loaded.model.parameters())
+
+    def run(strategy: str, source, *, from_audio: bool, batches=None) -> dict:
+        torch.manual_seed(config.seed)
+        model = EmotionModel(copy.deepcopy(loaded.model), strategy=strategy,
+                             cache_layer=0 if from_audio else reader.meta["layers"],
+                             top_layers=config.top_layers, targets=3, dropout=0.1, from_audio=from_audio)
+        trainable, _ = count_parameters(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        model.train()
+        feed = batches if batches is not None else iterate_batches(source, ids, None, plan, seed=config.seed)
+        times, utterances = [], 0
+        with PeakMemory(device) as memory:
+            for step, batch in enumerate(feed):
+                started = time.perf_counter()
+                inputs = ([w.to(device) for w in batch.inputs] if isinstance(batch.inputs, list)
+                          else batch.inputs.to(device, non_blocking=True))
+                mask = None if batch.mask is None else batch.mask.to(device)
+                with accelerator.autocast():
+                    pred = model(inputs, mask)
+                loss = ccc_loss(pred, torch.zeros_like(pred) + torch.arange(3, device=device))
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if step >= config.warmup_steps:
+                    times.append(time.perf_counter() - started)
+                    utterances += len(batch.ids)
+                if step + 1 == config.warmup_steps or (step == 0 and config.warmup_steps == 0):
+                    timed_from = time.perf_counter() if config.warmup_steps else started
+        loop_seconds = time.perf_counter() - timed_from  # waiting for data included
+        del model, optimizer
+        seconds = sum(times)
+        return {"loop_seconds": loop_seconds, "strategy": strategy, "amp": config.amp, "input": "audio" if from_audio else "store",
+                "utterances_per_second": utterances / seconds, "seconds_per_step": seconds / len(times),
+                "peak_memory_bytes": max(memory.bytes, 0), "trainable_parameters": trainable,
+                "trainable_share": trainable / total_parameters}
+
+    results = []
+    for strategy in config.strategies:
+        from_audio = strategy in ("full", "partial") or (strategy == "lora" and reader is None)
+        source = audio if from_audio else CacheSource(reader)
+        log.info("bench: %s from %s, %d steps after %d warm-up", strategy,
+                 "audio" if from_audio else "store", config.steps, config.warmup_steps)
+        results.append(run(strategy, source, from_audio=from_audio))
+    by_strategy = {r["strategy"]: r for r in results}
+    full = by_strategy.get("full")
+    for r in results:
+        if full:
+            r["speedup_vs_full"] = r["utterances_per_second"] / full["utterances_per_second"]
+    cached = by_strategy.get("cached")
+    data_wait = None
+    if cached:
+        source = CacheSource(reader)
+        in_memory = list(iterate_batches(source, ids, None, plan))  # read before the clock starts
+        fed_store = run("cached", source, from_audio=False)["loop_seconds"]
+        fed_memory = run("cached", source, from_audio=False, batches=in_memory)["loop_seconds"]
+        data_wait = {"store_fed_seconds": fed_store, "memory_fed_seconds": fed_memory,
+                     "ratio": fed_memory / fed_store}
+        cached["data_wait"] = data_wait
+        if build_seconds is not None:
+            cached["build_seconds"] = build_seconds
+            audio_strategy = by_strategy.get("partial") or full
+            if audio_strategy:
+                steps_per_epoch = len(ids) / config.batch_size
+                saved = (audio_strategy["seconds_per_step"] - cached["seconds_per_step"]) * steps_per_epoch
+                cached["payback_epochs"] = build_seconds / saved if saved > 0 else None
+                cached["payback_against"] = audio_strategy["strategy"]
+    report = {"machine": machine_info(device), "config": asdict(config), "utterances": len(ids),
+              "total_parameters": total_parameters, "results": results}
+    if config.json_out:
+        Path(config.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.json_out).write_text(json.dumps(report, indent=2))
+    tmp.cleanup()
+    return report
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'strategy':<9} {'amp':<5} {'input':<6} {'utt/s':>8} {'s/step':>8} {'vs full':>8} "
+             f"{'peak mem':>10} {'trainable':>12} {'share':>7}"]
+    for r in report["results"]:
+        speedup = f"{r['speedup_vs_full']:.2f}x" if "speedup_vs_full" in r else "-"
+        lines.append(f"{r['strategy']:<9} {r['amp']:<5} {r['input']:<6} {r['utterances_per_second']:>8.2f} "
+                     f"{r['seconds_per_step']:>8.3f} {speedup:>8} {r['peak_memory_bytes'] / 2**20:>8.0f}Mi "
+                     f"{r['trainable_parameters']:>12,} {100 * r['trainable_share']:>6.1f}%")
+    for r in report["results"]:
+        if "data_wait" in r:
+            lines.append(f"cached step fed from the store vs from memory: {r['data_wait']['ratio']:.2f} "
+                         "(1.0: reading fully hidden behind compute)")
+        if r.get("build_seconds") is not None:
+            payback = r.get("payback_epochs")
+            lines.append(f"cache build: {r['build_seconds']:.1f} s once; pays for itself after "
+                         f"{payback:.2f} epochs against {r['payback_against']}" if payback else
+                         f"cache build: {r['build_seconds']:.1f} s once")
+    return "\n".join(lines)
