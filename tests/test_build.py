@@ -54,7 +54,7 @@ def test_files_grow_with_audio_not_utterances(tiny_model, tmp_path):
 
 
 def test_resume_after_sigkill_equals_uninterrupted_build(tiny_model, tmp_path):
-    manifest = synth_corpus(tmp_path / "c", utterances=150, seconds=(0.5, 1.0))
+    manifest = synth_corpus(tmp_path / "c", utterances=60, seconds=(0.5, 1.0))
     args = ["cache", "build", manifest, "--model", tiny_model, "--layers", "3", "--batch-size", "1",
             "--workers", "1", "--shard-frames", "64", "--no-progress"]
     killed = tmp_path / "killed.zarr"
@@ -66,7 +66,7 @@ def test_resume_after_sigkill_equals_uninterrupted_build(tiny_model, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     committed = len(list((killed / "_building").glob("shard-*.parquet")))
-    assert 5 <= committed < 150, "the build must be killed midway"
+    assert 5 <= committed < 60, "the build must be killed midway"
     with pytest.raises(StoreError, match="interrupted"):
         open_cache(killed)  # never readable as complete
     first_shard = killed / "states" / "c" / "0" / "0"
@@ -78,7 +78,7 @@ def test_resume_after_sigkill_equals_uninterrupted_build(tiny_model, tmp_path):
     whole = tmp_path / "whole.zarr"
     assert run_cli(*args, "--out", whole).exit_code == 0
     resumed, uninterrupted = states_by_id(killed), states_by_id(whole)
-    assert resumed.keys() == uninterrupted.keys() and len(resumed) == 150
+    assert resumed.keys() == uninterrupted.keys() and len(resumed) == 60
     for uid in resumed:
         assert resumed[uid].tobytes() == uninterrupted[uid].tobytes()
     assert not (killed / "_building").exists()
