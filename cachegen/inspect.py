@@ -5,25 +5,11 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .reader import open_cache
+from .errors import StoreCorrupt
+from .reader import CacheReader, open_cache
 
 log = logging.getLogger(__name__)
-
-
-def _bytes_on_disk(location: str) -> int | None:
-    path = Path(location)
-    if path.is_file():
-        return path.stat().st_size
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    try:  # remote: ask the filesystem, if it can list
-        import fsspec
-        fs, root = fsspec.core.url_to_fs(location)
-        return int(fs.du(root))
-    except Exception:
-        return None
 
 
 def store_info(location: str, *, cache_dir: str | None = None) -> dict:
@@ -31,15 +17,15 @@ def store_info(location: str, *, cache_dir: str | None = None) -> dict:
     with open_cache(location, cache_dir=cache_dir) as reader:
         meta = reader.meta
         hours = sum(reader.index.column("seconds").to_pylist()) / 3600
-        size = _bytes_on_disk(location)
+        size = reader.nbytes()
         return {
-            "store": location,
+            "store": location, "source": reader.source.kind,
             "model_id": meta["model_id"], "model_sha256": meta["model_sha256"],
             "model_type": meta["model_type"], "layers": meta["layers"],
             "num_hidden_layers": meta["num_hidden_layers"], "hidden_size": meta["hidden_size"],
             "dtype": meta["dtype"], "frame_rate": meta["frame_rate"],
             "utterances": len(reader), "audio_hours": hours,
-            "bytes": size, "bytes_per_audio_hour": size / hours if size and hours else None,
+            "bytes": size, "files": len(reader.keys()), "bytes_per_audio_hour": size / hours if size and hours else None,
             "complete": meta.get("complete"), "failed": meta.get("failures", []),
             "created": meta.get("created"), "updated": meta.get("updated"),
             "versions": meta.get("versions", {}), "format_version": meta["format_version"],
@@ -67,7 +53,7 @@ def format_info(info: dict) -> str:
         f"dtype:        {info['dtype']}, {info['frame_rate']:g} frames/s",
         f"utterances:   {info['utterances']} ({info['audio_hours']:.3f} h of audio)"
         + (f"; splits {info['splits']}" if info["splits"] else ""),
-        f"size:         {size}" + (f", {per_hour}" if per_hour else ""),
+        f"size:         {size} in {info['files']} files" + (f", {per_hour}" if per_hour else ""),
         f"complete:     {'yes' if info['complete'] else 'no: rerun `ser cache build` to finish'}",
         f"built:        {info['created']} (updated {info['updated']}); {versions}",
         f"columns:      {', '.join(info['manifest_columns'])}",
@@ -82,6 +68,7 @@ class VerifyReport:
     store: str
     checked: int = 0
     problems: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)  # ids whose bytes fail their checksum
 
     @property
     def ok(self) -> bool:
@@ -90,33 +77,38 @@ class VerifyReport:
 
 def verify_store(location: str, *, cache_dir: str | None = None) -> VerifyReport:
     """Check the index (unique ids, aligned non-overlapping ranges inside the array) and every
-    utterance's checksum. Problems are collected, not raised."""
-    from .errors import SerError
-
-    report = VerifyReport(store=location)
+    utterance's checksum. Damage is collected, not raised; an unreachable store raises."""
     with open_cache(location, cache_dir=cache_dir) as reader:
-        chunk = reader.meta["chunk_frames"]
-        capacity = reader.states.shape[0]
-        rows = sorted(reader.index.to_pylist(), key=lambda r: r["start"])
-        if len({r["id"] for r in rows}) != len(rows):
-            report.problems.append("index: duplicate ids")
-        previous_end, previous_id = 0, None
-        for r in rows:
-            if r["start"] % chunk:
-                report.problems.append(f"index: '{r['id']}' starts at frame {r['start']}, not on a chunk")
-            if r["start"] < previous_end:
-                report.problems.append(f"index: '{r['id']}' overlaps '{previous_id}'")
-            if r["start"] + r["frames"] > capacity:
-                report.problems.append(f"index: '{r['id']}' lies beyond the states array")
-                continue
-            previous_end, previous_id = r["start"] + r["frames"], r["id"]
-        for uid in reader.ids:
-            try:
-                reader.read_raw(uid)
-            except SerError as err:
-                report.problems.append(str(err).replace(f"{location}: ", "", 1))
-            report.checked += 1
-        if os.path.isdir(os.path.join(location, "_building")):
-            report.problems.append("a build in progress or interrupted (_building/ exists): "
-                                   "rerun `ser cache build` to finish it")
+        report = verify_reader(reader)
+    if os.path.isdir(os.path.join(location, "_building")):
+        report.problems.append("a build in progress or interrupted (_building/ exists): "
+                               "rerun `ser cache build` to finish it")
+    return report
+
+
+def verify_reader(reader: CacheReader) -> VerifyReport:
+    """`verify_store` on an open reader (`ser cache copy` verifies its copy before publishing it)."""
+    report = VerifyReport(store=reader.location)
+    chunk = reader.meta["chunk_frames"]
+    capacity = reader.states.shape[0]
+    rows = sorted(reader.index.to_pylist(), key=lambda r: r["start"])
+    if len({r["id"] for r in rows}) != len(rows):
+        report.problems.append("index: duplicate ids")
+    previous_end, previous_id = 0, None
+    for r in rows:
+        if r["start"] % chunk:
+            report.problems.append(f"index: '{r['id']}' starts at frame {r['start']}, not on a chunk")
+        if r["start"] < previous_end:
+            report.problems.append(f"index: '{r['id']}' overlaps '{previous_id}'")
+        if r["start"] + r["frames"] > capacity:
+            report.problems.append(f"index: '{r['id']}' lies beyond the states array")
+            continue
+        previous_end, previous_id = r["start"] + r["frames"], r["id"]
+    for uid in reader.ids:
+        try:
+            reader.read_raw(uid)
+        except StoreCorrupt as err:
+            report.problems.append(str(err).replace(f"{reader.location}: ", "", 1))
+            report.damaged.append(uid)
+        report.checked += 1
     return report

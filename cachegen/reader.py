@@ -1,137 +1,548 @@
 """Open a store read-only from a local folder, a .zip file or an fsspec URL (http, s3, gs).
 
-All three go through one interface, a read-only zarr Store: zarr reads the states through it
-and `read_key` fetches index.parquet and manifest.parquet through it. Nothing is written.
+Each place a store can live is a `Source`: it hands out the bytes of a key, whole or a range, and
+nothing else: no listing (HTTP has none) and no writes. `SourceStore` lets zarr read the states
+through any source; `CacheReader` checks the metadata, dtype and codecs before zarr decodes a byte.
+`LocalCopy` keeps the files of a remote store on local disk after their first use (`--cache-dir`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import io
+import json
+import logging
+import os
+import re
+import shutil
 import stat
+import struct
+import threading
 import zipfile
-from pathlib import Path
+from collections import OrderedDict
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import StoreCorrupt, StoreError, UnsafeInput
-from .store import ALLOWED_CODECS, FORMAT, FORMAT_VERSION, STORAGE_DTYPES, _quiet_zarr, checksum, from_storage
+from .store import (ALLOWED_CODECS, FORMAT, FORMAT_VERSION, INDEX_SCHEMA, STORAGE_DTYPES,
+                    _quiet_zarr, checksum, from_storage, write_atomic)
 
-URL_PREFIXES = ("http://", "https://", "s3://", "gs://", "gcs://", "az://", "abfs://", "file://",
-                "simplecache::", "filecache::")
+log = logging.getLogger(__name__)
 
-
-def check_zip(path: str) -> None:
-    """Refuse zip members that could escape the archive: '..', absolute paths, symlinks."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                name = info.filename
-                if name.startswith(("/", "\\")) or ".." in Path(name).parts or ":" in name.split("/")[0]:
-                    raise UnsafeInput(f"{path}: refusing zip member '{name}' (absolute or '..' path)")
-                if stat.S_ISLNK(info.external_attr >> 16):
-                    raise UnsafeInput(f"{path}: refusing zip member '{name}' (symbolic link)")
-    except zipfile.BadZipFile as err:
-        raise StoreError(f"{path}: not a readable zip file ({err})") from None
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|::")  # an fsspec URL, chained ones included
+EXTRAS = {"http": "http", "https": "http", "s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs"}
+ROOT, ARRAY = "zarr.json", "states"
 
 
-def open_store(location: str, *, cache_dir: str | None = None):
-    """A read-only zarr Store for a folder, a .zip or a URL."""
-    import zarr
+# --- sources: the bytes of a store's keys, one class per place a store can live ---------------
 
-    location = str(location)
-    if location.startswith(URL_PREFIXES):
-        url = location
-        options = {}
-        if cache_dir and not url.startswith(("simplecache::", "filecache::")):
-            url = f"simplecache::{url}"
-            options = {"simplecache": {"cache_storage": str(cache_dir)}}
-        try:
-            return zarr.storage.FsspecStore.from_url(url, read_only=True, storage_options=options)
-        except (ImportError, ValueError) as err:
-            raise StoreError(f"{location}: cannot open ({err}); remote stores need the matching "
-                             "extra, e.g. pip install 'ser[http]' or 'ser[s3]'") from None
-    path = Path(location)
-    if path.is_file() and zipfile.is_zipfile(path):
-        check_zip(str(path))
-        return zarr.storage.ZipStore(path, mode="r", read_only=True)
-    if not path.is_dir():
-        raise StoreError(f"{location}: no such store (expected a folder, a .zip or a URL)")
-    return zarr.storage.LocalStore(path, read_only=True)
+class Source:
+    """Read-only bytes of a store's keys ('zarr.json', 'states/c/0/0', ...); no listing."""
+
+    kind = "source"
+    location: str
+
+    async def read(self, key: str, start: int | None = None, end: int | None = None) -> bytes | None:
+        """Bytes [start:end) of `key`; a negative `start` with no `end` means the last -start bytes.
+        None when the key does not exist."""
+        raise NotImplementedError
+
+    async def size(self, key: str) -> int | None:
+        """Size of `key` in bytes, or None when it does not exist."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
 
 
-def read_key(store, key: str) -> bytes | None:
-    from zarr.core.buffer import default_buffer_prototype
+def read_key(source: Source, key: str, start: int | None = None, end: int | None = None) -> bytes | None:
+    """`source.read` from synchronous code (on zarr's event loop, where zarr itself reads)."""
     from zarr.core.sync import sync
 
-    buffer = sync(store.get(key, prototype=default_buffer_prototype()))
-    return None if buffer is None else buffer.to_bytes()
+    return sync(source.read(key, start, end))
 
+
+def _span(f, start: int | None, end: int | None, size: int) -> bytes:
+    start = 0 if start is None else max(0, size + start) if start < 0 else start
+    end = size if end is None else min(end, size)
+    f.seek(start)
+    return f.read(max(0, end - start))
+
+
+def _member_path(key: str) -> PurePosixPath:
+    path = PurePosixPath(key)
+    if path.is_absolute() or ".." in path.parts:
+        raise UnsafeInput(f"refusing key '{key}' that leaves the store")
+    return path
+
+
+class FolderSource(Source):
+    """A store folder on local or shared disk."""
+
+    kind = "folder"
+
+    def __init__(self, path: str | Path):
+        self.root = Path(path)
+        self.location = str(path)
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*_member_path(key).parts)
+
+    async def read(self, key, start=None, end=None):
+        try:
+            with open(self._path(key), "rb") as f:
+                return _span(f, start, end, os.fstat(f.fileno()).st_size)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
+    async def size(self, key):
+        path = self._path(key)
+        return path.stat().st_size if path.is_file() else None
+
+
+def check_zip(path: str, archive: zipfile.ZipFile) -> None:
+    """Refuse members that could escape the archive ('..', absolute paths, symlinks) or that are
+    ambiguous (the same name twice), before anything is read."""
+    seen = set()
+    for info in archive.infolist():
+        name = info.filename.replace("\\", "/")
+        parts = name.split("/")
+        if name.startswith("/") or ".." in parts or re.match(r"^[A-Za-z]:", name):
+            raise UnsafeInput(f"{path}: refusing zip member '{info.filename}' (absolute or '..' path)")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise UnsafeInput(f"{path}: refusing zip member '{info.filename}' (symbolic link)")
+        if name in seen:
+            raise UnsafeInput(f"{path}: refusing zip with member '{name}' twice; repack it with "
+                              "`ser cache pack`")
+        seen.add(name)
+
+
+class ZipSource(Source):
+    """A zip of a store (as `ser cache pack` writes it, or zipped by hand with one top folder).
+
+    Stored members are read in place by offset, so a range costs one seek; deflated members are
+    inflated whole on every read (slow for shards: repack with `ser cache pack`)."""
+
+    kind = "zip"
+
+    def __init__(self, path: str | Path):
+        self.location = str(path)
+        try:
+            self.archive = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as err:
+            raise StoreError(f"{path}: not a readable zip file ({err})") from None
+        check_zip(self.location, self.archive)
+        self.members = {info.filename: info for info in self.archive.infolist() if not info.is_dir()}
+        tops = [name[:-len(ROOT)] for name in self.members if name.endswith("/" + ROOT) and name.count("/") == 1]
+        self.prefix = "" if ROOT in self.members or len(tops) != 1 else tops[0]
+        self.file = open(path, "rb")
+        self.lock = threading.Lock()
+        self.offsets: dict[str, int] = {}
+        if any(info.compress_type != zipfile.ZIP_STORED for info in self.members.values()):
+            log.warning("%s has compressed members: every read inflates a whole file; "
+                        "`ser cache pack` writes a zip that reads faster", path)
+
+    def _data_offset(self, info: zipfile.ZipInfo) -> int:
+        if info.filename not in self.offsets:  # after the local header, whose lengths may differ
+            self.file.seek(info.header_offset)
+            header = self.file.read(30)
+            if header[:4] != b"PK\x03\x04":
+                raise StoreCorrupt(f"{self.location}: zip member '{info.filename}' has no local header")
+            name_length, extra_length = struct.unpack("<HH", header[26:30])
+            self.offsets[info.filename] = info.header_offset + 30 + name_length + extra_length
+        return self.offsets[info.filename]
+
+    async def read(self, key, start=None, end=None):
+        info = self.members.get(self.prefix + str(_member_path(key)))
+        if info is None:
+            return None
+        with self.lock:
+            if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
+                offset = self._data_offset(info)
+                size = info.file_size
+                first = 0 if start is None else max(0, size + start) if start < 0 else min(start, size)
+                last = size if end is None else min(end, size)
+                self.file.seek(offset + first)
+                return self.file.read(max(0, last - first))
+            try:
+                data = self.archive.read(info)
+            except (RuntimeError, zipfile.BadZipFile, NotImplementedError) as err:
+                raise StoreCorrupt(f"{self.location}: cannot read zip member '{info.filename}' ({err})") from None
+        return _span(io.BytesIO(data), start, end, len(data))
+
+    async def size(self, key):
+        info = self.members.get(self.prefix + str(_member_path(key)))
+        return None if info is None else info.file_size
+
+    def close(self):
+        self.file.close()
+        self.archive.close()
+
+
+class FsspecSource(Source):
+    """A store behind an fsspec URL: http(s)://, s3://, gs://, ... (read with ranged GETs).
+
+    Suffix and offset reads become explicit ranges (the size is asked once per file), because
+    simple servers refuse `Range: bytes=-N`; a server that ignores ranges altogether still gives
+    correct bytes, only slowly, and says so once."""
+
+    kind = "fsspec"
+
+    def __init__(self, url: str, *, storage_options: dict | None = None):
+        self.location = url
+        self.options = dict(storage_options or {})
+        self._pid: int | None = None
+        self._warned = False
+        self.fs  # noqa: B018 -- a missing backend is reported at open, not at first read
+
+    @property
+    def fs(self):
+        if self._pid != os.getpid():  # a forked worker needs its own connections
+            self._fs, self.root = self._connect()
+            self._sizes: dict[str, int] = {}
+            self._pid = os.getpid()
+        return self._fs
+
+    def _connect(self):
+        import fsspec
+
+        protocol = self.location.split("://")[0].split("::")[-1] if "://" in self.location else ""
+        try:
+            fs, root = fsspec.core.url_to_fs(self.location, **self.options)
+        except (ImportError, ValueError) as err:
+            extra = EXTRAS.get(protocol.lower())
+            hint = f"pip install 'ser[{extra}]'" if extra else "install the fsspec backend for it"
+            raise StoreError(f"{self.location}: cannot open ({err}); {hint}") from None
+        return fs, root.rstrip("/")
+
+    def _path(self, key: str) -> str:
+        self.fs  # noqa: B018 -- (re)connects first, which sets self.root
+        return f"{self.root}/{_member_path(key)}"
+
+    async def _call(self, method: str, *args, **kwargs):
+        try:
+            return await asyncio.to_thread(getattr(self.fs, method), *args, **kwargs)
+        except FileNotFoundError:
+            return None
+        except Exception as err:  # network, permissions, server errors: not damage in the store
+            raise StoreError(f"{self.location}: cannot read {args[0].removeprefix(self.root + '/')} "
+                             f"({type(err).__name__}: {err})") from None
+
+    async def size(self, key):
+        path = self._path(key)
+        if path not in self._sizes:
+            info = await self._call("info", path)
+            if info is None or info.get("size") is None:
+                return None if info is None else len(await self.read(key))
+            self._sizes[path] = int(info["size"])
+        return self._sizes[path]
+
+    async def read(self, key, start=None, end=None):
+        path = self._path(key)
+        if start is None and end is None:
+            return await self._call("cat_file", path)
+        if end is None or (start or 0) < 0:
+            size = await self.size(key)
+            if size is None:
+                return None
+            start = 0 if start is None else max(0, size + start) if start < 0 else start
+            end = size if end is None else end
+        start = start or 0
+        if end <= start:
+            return b""
+        data = await self._call("cat_file", path, start=start, end=end)
+        if data is not None and len(data) > end - start:  # the server ignored the Range header
+            if not self._warned:
+                log.warning("%s ignores HTTP Range requests: each read downloads a whole file; use "
+                            "a server with range support (nginx, RangeHTTPServer) or --cache-dir",
+                            self.location)
+                self._warned = True
+            data = data[start:end]
+        return data
+
+
+class LocalCopy(Source):
+    """A remote source whose files are kept whole on local disk after their first read.
+
+    The local copy mirrors the store's layout under `cache_dir/<hash of the location>/` and is
+    kept only while the remote zarr.json is byte-identical to the cached one (a rebuilt or
+    extended store drops it). When the remote cannot be reached, the local copy is read alone."""
+
+    kind = "cached"
+
+    def __init__(self, remote: Source, cache_dir: str | Path):
+        self.remote = remote
+        self.location = remote.location
+        self.folder = Path(cache_dir) / hashlib.sha256(remote.location.encode()).hexdigest()[:16]
+        self.local = FolderSource(self.folder)
+        self.offline = False
+        self._refresh()
+
+    def _refresh(self) -> None:
+        cached = self.folder / ROOT
+        try:
+            root = read_key(self.remote, ROOT)
+        except StoreError as err:
+            if not cached.is_file():
+                raise
+            log.warning("%s; reading the local copy in %s", err, self.folder)
+            self.offline = True
+            return
+        if root is not None and (not cached.is_file() or cached.read_bytes() != root):
+            if self.folder.exists():
+                log.info("%s changed since it was cached; dropping the local copy", self.location)
+                shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(cached, root)
+
+    async def read(self, key, start=None, end=None):
+        local = await self.local.read(key, start, end)
+        if local is not None:
+            return local
+        if self.offline:
+            raise StoreError(f"{self.location} cannot be reached and {key} is not in the local copy "
+                             f"{self.folder}")
+        data = await self.remote.read(key)
+        if data is None:
+            return None
+        target = self.folder.joinpath(*_member_path(key).parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(write_atomic, target, data)
+        return _span(io.BytesIO(data), start, end, len(data))
+
+    async def size(self, key):
+        local = await self.local.size(key)
+        return local if local is not None or self.offline else await self.remote.size(key)
+
+    def close(self):
+        self.remote.close()
+
+
+def open_source(location: str | Path, *, cache_dir: str | Path | None = None) -> Source:
+    """The source for a folder, a .zip or an fsspec URL; remote ones cached in `cache_dir`."""
+    location = str(location)
+    if URL.search(location):
+        source = FsspecSource(location)
+        return LocalCopy(source, cache_dir) if cache_dir else source
+    path = Path(location)
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise StoreError(f"{location}: a file that is not a zip; a store is a folder, a .zip "
+                             "(`ser cache pack`) or a URL")
+        return ZipSource(path)
+    if not path.is_dir():
+        raise StoreError(f"{location}: no such store (expected a folder, a .zip or a URL)")
+    return FolderSource(path)
+
+
+# --- zarr's view of a source ------------------------------------------------------------------
+
+def _store_base():
+    from zarr.abc.store import Store
+
+    return Store
+
+
+class SourceStore(_store_base()):
+    """A read-only zarr Store over a Source. It never lists and never writes; shard indexes
+    (zarr's suffix reads) are kept in memory, so reading an utterance costs only its chunks."""
+
+    INDEX_CACHE_BYTES = 32 * 2**20
+
+    def __init__(self, source: Source):
+        super().__init__(read_only=True)
+        self.source = source
+        self._suffixes: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._suffix_bytes = 0
+
+    def __eq__(self, other):
+        return isinstance(other, SourceStore) and other.source is self.source
+
+    def __repr__(self):
+        return f"SourceStore({self.source.location!r})"
+
+    async def get(self, key, prototype, byte_range=None):
+        from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+
+        if byte_range is None:
+            data = await self.source.read(key)
+        elif isinstance(byte_range, RangeByteRequest):
+            data = await self.source.read(key, byte_range.start, byte_range.end)
+        elif isinstance(byte_range, OffsetByteRequest):
+            data = await self.source.read(key, byte_range.offset, None)
+        elif isinstance(byte_range, SuffixByteRequest):
+            data = await self._suffix(key, byte_range.suffix)
+        else:
+            raise TypeError(f"unexpected byte range {byte_range!r}")
+        return None if data is None else prototype.buffer.from_bytes(data)
+
+    async def _suffix(self, key: str, length: int) -> bytes | None:
+        cached = self._suffixes.get((key, length))
+        if cached is not None:
+            self._suffixes.move_to_end((key, length))
+            return cached
+        data = await self.source.read(key, -length, None)
+        if data is not None and len(data) <= self.INDEX_CACHE_BYTES // 64:
+            self._suffixes[(key, length)] = data
+            self._suffix_bytes += len(data)
+            while self._suffix_bytes > self.INDEX_CACHE_BYTES:
+                self._suffix_bytes -= len(self._suffixes.popitem(last=False)[1])
+        return data
+
+    async def get_partial_values(self, prototype, key_ranges):
+        return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
+
+    async def exists(self, key):
+        return await self.source.size(key) is not None
+
+    @property
+    def supports_writes(self):
+        return False
+
+    @property
+    def supports_deletes(self):
+        return False
+
+    @property
+    def supports_listing(self):
+        return False
+
+    async def set(self, key, value):
+        raise StoreError(f"{self.source.location} is opened read-only")
+
+    async def delete(self, key):
+        raise StoreError(f"{self.source.location} is opened read-only")
+
+    def _no_listing(self):
+        raise StoreError(f"{self.source.location}: ser reads a store without listing it; this "
+                         "needs the consolidated metadata in zarr.json")
+
+    async def list(self):
+        self._no_listing()
+        yield  # pragma: no cover
+
+    async def list_prefix(self, prefix):
+        self._no_listing()
+        yield  # pragma: no cover
+
+    async def list_dir(self, prefix):
+        self._no_listing()
+        yield  # pragma: no cover
+
+    def close(self):
+        super().close()
+        self.source.close()
+
+
+# --- the reader -------------------------------------------------------------------------------
 
 def check_safe(location: str, array_meta: dict) -> None:
-    """Refuse dtypes and codecs outside what ser writes, before anything is decoded."""
+    """Refuse dtypes, codecs and layouts outside what ser writes, before anything is decoded."""
     dtype = array_meta.get("data_type")
     if dtype not in STORAGE_DTYPES.values():
-        raise UnsafeInput(f"{location}: refusing states of data type {dtype!r}; expected one of "
-                          f"{', '.join(sorted(set(STORAGE_DTYPES.values())))}")
+        raise UnsafeInput(f"{location}: refusing states of data type {json.dumps(dtype)}; expected one "
+                          f"of {', '.join(sorted(set(STORAGE_DTYPES.values())))}")
 
     def names(codecs):
-        for codec in codecs:
+        for codec in codecs if isinstance(codecs, list) else [codecs]:
+            codec = codec if isinstance(codec, dict) else {"name": codec}
             yield codec.get("name")
-            config = codec.get("configuration", {})
+            config = codec.get("configuration") or {}
             yield from names(config.get("codecs", []))
             yield from names(config.get("index_codecs", []))
 
-    unknown = sorted({n for n in names(array_meta.get("codecs", [])) if n not in ALLOWED_CODECS})
+    unknown = sorted({str(n) for n in names(array_meta.get("codecs", [])) if n not in ALLOWED_CODECS})
     if unknown:
-        raise UnsafeInput(f"{location}: refusing unknown codec(s) {', '.join(map(str, unknown))}; "
+        raise UnsafeInput(f"{location}: refusing unknown codec(s) {', '.join(unknown)}; "
                           f"allowed: {', '.join(sorted(ALLOWED_CODECS))}")
+    if array_meta.get("storage_transformers"):
+        raise UnsafeInput(f"{location}: refusing storage transformers "
+                          f"{[t.get('name') for t in array_meta['storage_transformers']]}")
+    if array_meta.get("node_type") != "array" or len(array_meta.get("shape", [])) != 2:
+        raise StoreCorrupt(f"{location}: 'states' must be a 2-D array (frames, hidden)")
 
 
 class CacheReader:
     """Read-only view of a store: `.ids`, `len()`, `reader[id]` -> (frames, hidden) array,
-    `.meta`, `.table` (the manifest), `.index` (one row per cached utterance)."""
+    `.meta`, `.table` (the manifest), `.index` (one row per cached utterance), `.keys()` (the
+    files that make the store)."""
 
-    def __init__(self, location: str, *, cache_dir: str | None = None):
-        import json
-
+    def __init__(self, location: str | Source, *, cache_dir: str | Path | None = None):
         import zarr
 
         _quiet_zarr()
-        self.location = str(location)
-        self.store = open_store(self.location, cache_dir=cache_dir)
-        root = read_key(self.store, "zarr.json")
-        if root is None:
-            raise StoreError(f"{location}: no zarr.json: not a ser store")
-        root = json.loads(root)
-        meta = root.get("attributes", {}).get("ser")
-        if not meta or meta.get("format") != FORMAT:
+        self.source = location if isinstance(location, Source) else open_source(location, cache_dir=cache_dir)
+        self.location = self.source.location
+        try:
+            self._open(zarr)
+        except BaseException:
+            self.source.close()
+            raise
+
+    def _open(self, zarr) -> None:
+        location = self.location
+        raw = read_key(self.source, ROOT)
+        if raw is None:
+            raise StoreError(f"{location}: no zarr.json: not a ser store (an unfinished "
+                             "`ser cache copy` has none until it is verified)")
+        self.root_json = raw
+        try:
+            root = json.loads(raw)
+        except ValueError as err:
+            raise StoreCorrupt(f"{location}: zarr.json is not JSON ({err})") from None
+        meta = root.get("attributes", {}).get("ser") if isinstance(root, dict) else None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise StoreError(f"{location}: not a ser store (no 'ser' metadata in zarr.json)")
         if meta.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{location}: store format version {meta.get('format_version')} is not "
                              f"supported by this ser (reads version {FORMAT_VERSION}); rebuild it "
                              "or install the matching ser")
         consolidated = (root.get("consolidated_metadata") or {}).get("metadata") or {}
-        if "states" not in consolidated:
-            raise StoreError(f"{location}: consolidated metadata is missing: its build was "
-                             "interrupted before it was finalised; rerun `ser cache build` to resume")
-        check_safe(self.location, consolidated["states"])
+        if ARRAY not in consolidated:
+            raise StoreError(f"{location}: zarr.json has no consolidated metadata, which reading "
+                             "without listing (HTTP, zip) needs: its build was interrupted before "
+                             "it was finalised; rerun `ser cache build` to resume")
+        for name, node in consolidated.items():
+            if node.get("node_type") == "array" or name == ARRAY:
+                check_safe(location, node)
+        if STORAGE_DTYPES.get(meta.get("dtype")) != consolidated[ARRAY]["data_type"]:
+            raise StoreCorrupt(f"{location}: metadata dtype {meta.get('dtype')!r} does not match the "
+                               f"states' data type {consolidated[ARRAY]['data_type']!r}")
         self.meta: dict = meta
         self.dtype: str = meta["dtype"]
-        group = zarr.open_group(self.store, mode="r", use_consolidated=True)
-        self.states = group["states"]
-        index = read_key(self.store, "index.parquet")
+        self.store = SourceStore(self.source)
+        self.states = zarr.open_group(self.store, mode="r", zarr_format=3,
+                                      use_consolidated=True)[ARRAY]
+        index = self._parquet("index.parquet")
         if index is None:
             raise StoreError(f"{location}: index.parquet is missing: the build was interrupted "
                              "before its first commit was finalised; rerun `ser cache build`")
-        self.index: pa.Table = pq.read_table(io.BytesIO(index))
-        manifest = read_key(self.store, "manifest.parquet")
-        self.table: pa.Table = pq.read_table(io.BytesIO(manifest)) if manifest else pa.table({})
+        self.index: pa.Table = index
+        missing = [f.name for f in INDEX_SCHEMA if self.index.schema.get_field_index(f.name) < 0
+                   or not self.index.schema.field(f.name).type.equals(f.type)]
+        if missing:
+            raise StoreCorrupt(f"{location}: index.parquet lacks column(s) {', '.join(missing)} "
+                               "of the expected type")
+        manifest = self._parquet("manifest.parquet")
+        self.has_manifest = manifest is not None
+        self.table: pa.Table = manifest if manifest is not None else pa.table({})
         columns = self.index.to_pydict()
         self.ids: list[str] = columns["id"]
         self._rows = {uid: (start, frames, crc) for uid, start, frames, crc in
                       zip(columns["id"], columns["start"], columns["frames"], columns["crc32"])}
+
+    def _parquet(self, key: str) -> pa.Table | None:
+        data = read_key(self.source, key)
+        if data is None:
+            return None
+        try:
+            return pq.read_table(io.BytesIO(data))
+        except (pa.ArrowException, OSError) as err:
+            raise StoreCorrupt(f"{self.location}: {key} cannot be read ({err})") from None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -150,6 +561,8 @@ class CacheReader:
             raise KeyError(f"{uid!r} is not in store {self.location}") from None
         try:
             raw = self.states[start:start + frames]
+        except StoreError:
+            raise  # unreachable or refused: nothing is known about the bytes
         except Exception as err:  # a damaged shard fails inside the codec pipeline
             raise StoreCorrupt(f"{self.location}: utterance '{uid}' cannot be read ({err}); "
                                "run `ser cache verify`") from None
@@ -162,6 +575,34 @@ class CacheReader:
         """(frames, hidden) states of `uid` (float16/float32 as stored; bfloat16 as float32)."""
         return from_storage(self.read_raw(uid), self.dtype)
 
+    def shard_keys(self, uids=None) -> list[str]:
+        """The shard files holding `uids` (default: every utterance), in grid order."""
+        rows_per_file = self.states.metadata.chunk_grid.chunk_shape[0]
+        numbers = set()
+        for uid in self.ids if uids is None else uids:
+            start, frames, _ = self._rows[uid]
+            numbers.update(range(start // rows_per_file, (start + max(frames, 1) - 1) // rows_per_file + 1))
+        return [f"{ARRAY}/{self.states.metadata.encode_chunk_key((n, 0))}" for n in sorted(numbers)]
+
+    def keys(self) -> list[str]:
+        """Every file of the store, named by the store itself (no listing): metadata first."""
+        keys = [ROOT, f"{ARRAY}/zarr.json", "index.parquet"]
+        keys += ["manifest.parquet"] if self.has_manifest else []
+        return keys + self.shard_keys()
+
+    def nbytes(self) -> int | None:
+        """Bytes of every file of the store (one size request per file when remote)."""
+        from zarr.core.sync import sync
+
+        async def sizes():
+            return await asyncio.gather(*(self.source.size(key) for key in self.keys()))
+
+        try:
+            found = sync(sizes())
+        except StoreError:
+            return None
+        return sum(s for s in found if s is not None)
+
     def close(self) -> None:
         self.store.close()
 
@@ -172,16 +613,23 @@ class CacheReader:
         self.close()
 
 
-def open_cache(location: str | Path, *, cache_dir: str | None = None) -> CacheReader:
-    """Open a store read-only.
+def open_cache(location: str | Path, *, cache_dir: str | Path | None = None) -> CacheReader:
+    """Open a store read-only; nothing is written to it, and it is never listed.
 
     Args:
-        location: a store folder, a .zip of one, or an fsspec URL (http(s)://, s3://, gs://).
-        cache_dir: keep fetched remote chunks here, so later epochs read from local disk.
+        location: a store folder, a .zip of one, or an fsspec URL (http(s)://, s3://, gs://;
+            cloud backends need `pip install 'ser[s3]'` or `'ser[gs]'`).
+        cache_dir: keep the files of a remote store here after their first read, so later
+            epochs and later runs read from local disk (and still work when the remote is down).
+
+    Raises:
+        StoreError: no store there, unreachable, unfinished, or another format version.
+        UnsafeInput: a dtype, codec or zip member that ser never writes.
+        StoreCorrupt: metadata or index that cannot be read.
 
     Example:
-        >>> reader = open_cache("msp.zarr")  # doctest: +SKIP
+        >>> reader = open_cache("http://nas:8000/msp.zarr", cache_dir="~/.cache/ser")  # doctest: +SKIP
         >>> reader[reader.ids[0]].shape  # doctest: +SKIP
         (312, 768)
     """
-    return CacheReader(str(location), cache_dir=cache_dir)
+    return CacheReader(str(location), cache_dir=os.path.expanduser(cache_dir) if cache_dir else None)

@@ -1,0 +1,394 @@
+"""Sharing a store: read over HTTP (real server, ranged GETs) and from a zip, local caching of
+remote files, copy and pack (resumable, verified, atomic), and refusal of unsafe stores
+(RELIABILITY.md items 4-7)."""
+
+import json
+import shutil
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from cachegen import open_cache
+from cachegen.build import BuildConfig, build_cache
+from cachegen.errors import StoreError
+from conftest import run_cli
+from http_server import StaticServer
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_model, corpus):
+    """A float16 store with shards of 128 frames: ~20 shard files, some shared by utterances."""
+    out = tmp_path_factory.mktemp("sharing") / "s.zarr"
+    summary = build_cache(BuildConfig(manifest=corpus, out=str(out), model=tiny_model, layers=2,
+                                      shard_frames=128, batch_size=8, progress=False))
+    assert not summary.failed
+    assert len(list((out / "states" / "c").rglob("*"))) > 10
+    return out
+
+
+@pytest.fixture(scope="module")
+def www(tmp_path_factory):
+    return tmp_path_factory.mktemp("www")
+
+
+@pytest.fixture(scope="module")
+def server(www):
+    """RangeHTTPServer on 127.0.0.1 serving `www`, for the whole module."""
+    server = StaticServer(www)
+    yield server
+    server.stop()
+
+
+def serve(store: Path, www: Path, name: str) -> Path:
+    """A copy of `store` under the served folder."""
+    copy = www / name
+    shutil.copytree(store, copy)
+    return copy
+
+
+def local_states(store) -> dict:
+    with open_cache(store) as reader:
+        return {uid: reader.read_raw(uid).tobytes() for uid in reader.ids}
+
+
+def one_line_error(result, *fragments):
+    """Exit status 1 and one error line (after any log lines), no traceback."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ser: error: ")]
+    assert len(errors) == 1 and result.stderr.endswith(errors[0] + "\n"), result.stderr
+    message = errors[0]
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def files_of(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+# --- read from anywhere -----------------------------------------------------------------------
+
+def test_http_store_reads_byte_for_byte_like_local(store, www, server):
+    serve(store, www, "http.zarr")
+    url = f"{server.url}/http.zarr"
+    mark = server.mark()
+    local = open_cache(store)
+    with open_cache(url) as remote:
+        assert remote.ids == local.ids and remote.meta == local.meta
+        assert remote.table.equals(local.table) and remote.index.equals(local.index)
+        for uid in reversed(remote.ids):
+            assert remote.read_raw(uid).tobytes() == local.read_raw(uid).tobytes()
+            assert remote.frames(uid) == local.frames(uid)
+    requests = server.requests_since(mark)
+    assert requests and {r["method"] for r in requests} <= {"GET", "HEAD"}  # read-only
+    assert all(r["status"] in ("200", "206") for r in requests)
+    shard_reads = [r for r in requests if "/states/c/" in r["path"] and r["method"] == "GET"]
+    assert any(r["status"] == "206" for r in shard_reads)  # ranged reads where a shard is shared
+
+    result = run_cli("cache", "verify", url)
+    assert result.exit_code == 0 and f"{url}: ok (24 utterances" in result.output
+    result = run_cli("cache", "info", url)
+    assert result.exit_code == 0
+    for expected in ("utterances:   24", "cached layer: 2", "float16", "weights:      sha256 ",
+                     "MiB in ", "columns:      id, path, split", "built:        20"):
+        assert expected in result.output
+    info = json.loads(run_cli("cache", "info", url, "--json").output)
+    assert info["bytes"] == sum(len(b) for b in files_of(store).values())
+    assert info["files"] == len(files_of(store))
+
+
+def test_local_reading_writes_nothing(store, tmp_path):
+    copy = serve(store, tmp_path, "s.zarr")
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in copy.rglob("*")}
+    assert run_cli("cache", "verify", copy).exit_code == 0
+    assert run_cli("cache", "info", copy).exit_code == 0
+    assert before == {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in copy.rglob("*")}
+
+
+def test_http_corruption_is_detected(store, www, server):
+    copy = serve(store, www, "flipped.zarr")
+    shard = sorted((copy / "states" / "c").rglob("*"))[3]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x04
+    shard.write_bytes(bytes(data))
+    result = run_cli("cache", "verify", f"{server.url}/flipped.zarr")
+    assert result.exit_code == 1 and "problem: utterance" in result.stderr
+
+
+def test_http_without_consolidated_metadata_is_an_explicit_error(store, www, server):
+    copy = serve(store, www, "plain.zarr")
+    root = json.loads((copy / "zarr.json").read_text())
+    del root["consolidated_metadata"]
+    (copy / "zarr.json").write_text(json.dumps(root))
+    one_line_error(run_cli("cache", "info", f"{server.url}/plain.zarr"), "no consolidated metadata")
+
+
+def test_python_http_server_without_range_support_still_reads_right(store, tmp_path):
+    serve(store, tmp_path, "s.zarr")
+    plain = StaticServer(tmp_path, module="http.server")
+    try:
+        result = run_cli("cache", "verify", f"{plain.url}/s.zarr")
+        assert result.exit_code == 0 and "ignores HTTP Range requests" in result.stderr
+    finally:
+        plain.stop()
+
+
+def test_cache_dir_second_read_is_local_and_survives_the_server_stopping(store, tmp_path):
+    serve(store, tmp_path / "www", "s.zarr")
+    cache_dir, expected = tmp_path / "cache", local_states(store)
+    server = StaticServer(tmp_path / "www")
+    url = f"{server.url}/s.zarr"
+    try:
+        with open_cache(url, cache_dir=cache_dir) as reader:
+            assert {uid: reader.read_raw(uid).tobytes() for uid in reader.ids} == expected
+        first = [r["path"] for r in server.requests() if r["method"] == "GET"]
+        assert len(first) == len(set(first))  # each file fetched once, whole
+        mark = server.mark()
+        with open_cache(url, cache_dir=cache_dir) as reader:  # a second epoch, or a second run
+            assert {uid: reader.read_raw(uid).tobytes() for uid in reader.ids} == expected
+        assert [r["path"] for r in server.requests_since(mark)] == ["/s.zarr/zarr.json"]
+
+        root = json.loads((tmp_path / "www" / "s.zarr" / "zarr.json").read_text())
+        root["attributes"]["ser"]["updated"] = "later"  # the store changed on the server
+        (tmp_path / "www" / "s.zarr" / "zarr.json").write_text(json.dumps(root))
+        mark = server.mark()
+        with open_cache(url, cache_dir=cache_dir) as reader:
+            assert reader.meta["updated"] == "later" and reader.read_raw(reader.ids[0]).tobytes()
+        assert "/s.zarr/index.parquet" in [r["path"] for r in server.requests_since(mark)]
+        with open_cache(url, cache_dir=cache_dir) as reader:
+            [reader.read_raw(uid) for uid in reader.ids]
+    finally:
+        server.stop()
+    result = run_cli("cache", "verify", url, "--cache-dir", cache_dir)  # the server is gone
+    assert result.exit_code == 0 and "24 utterances" in result.output
+    assert "reading the local copy" in result.stderr
+    with open_cache(url, cache_dir=cache_dir) as reader:
+        assert {uid: reader.read_raw(uid).tobytes() for uid in reader.ids} == expected
+    one_line_error(run_cli("cache", "verify", url), "cannot read zarr.json")
+
+
+def test_cloud_url_without_its_extra_names_the_extra():
+    try:
+        import s3fs  # noqa: F401
+    except ImportError:
+        one_line_error(run_cli("cache", "info", "s3://bucket/store.zarr"), "pip install 'ser[s3]'")
+    else:
+        pytest.skip("s3fs is installed: this would reach the network")
+
+
+# --- zip ----------------------------------------------------------------------------------------
+
+def test_pack_to_zip_reads_and_verifies_in_place(store, tmp_path):
+    out = tmp_path / "s.zip"
+    result = run_cli("cache", "pack", store, out)
+    assert result.exit_code == 0 and "verified: 24 utterances" in result.output
+    assert not (tmp_path / "s.zip.partial").exists() and not (tmp_path / "s.zip.tmp").exists()
+    with zipfile.ZipFile(out) as archive:
+        assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_STORED}
+        assert sorted(archive.namelist()) == sorted(files_of(store))
+    assert local_states(out) == local_states(store)
+    assert run_cli("cache", "verify", out).exit_code == 0
+    result = run_cli("cache", "info", out)
+    assert result.exit_code == 0 and "utterances:   24" in result.output and "columns:" in result.output
+    one_line_error(run_cli("cache", "pack", store, out), "already exists")
+
+    with zipfile.ZipFile(out) as archive:  # flip one byte inside a shard, size unchanged
+        info = archive.getinfo(sorted(n for n in archive.namelist() if n.startswith("states/c/"))[2])
+    data = bytearray(out.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + info.file_size // 2] ^= 0x08
+    out.write_bytes(bytes(data))
+    result = run_cli("cache", "verify", out)
+    assert result.exit_code == 1 and "problem: utterance" in result.stderr
+
+
+def test_zip_made_by_hand_with_a_top_folder_opens(store, tmp_path):
+    out = tmp_path / "hand.zip"
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files_of(store).items():
+            archive.writestr(f"s.zarr/{name}", data)
+    assert local_states(out) == local_states(store)
+
+
+# --- copy -------------------------------------------------------------------------------------
+
+def test_copy_from_http_to_folder_zip_and_object_store(store, www, server, tmp_path):
+    serve(store, www, "src.zarr")
+    expected = files_of(store)
+    result = run_cli("cache", "copy", f"{server.url}/src.zarr", tmp_path / "a.zarr")
+    assert result.exit_code == 0 and "verified: 24 utterances" in result.output
+    assert files_of(tmp_path / "a.zarr") == expected and not (tmp_path / "a.zarr.partial").exists()
+    assert all(stat.S_IMODE(p.stat().st_mode) & 0o044 for p in (tmp_path / "a.zarr").rglob("*"))
+    assert run_cli("cache", "copy", tmp_path / "a.zarr", tmp_path / "b.zip").exit_code == 0
+    assert local_states(tmp_path / "b.zip") == local_states(store)
+    # an object store (memory:// stands in for s3://): files in place, zarr.json last
+    assert run_cli("cache", "copy", tmp_path / "b.zip", "memory://bucket/c.zarr").exit_code == 0
+    assert local_states("memory://bucket/c.zarr") == local_states(store)
+    one_line_error(run_cli("cache", "copy", store, tmp_path / "a.zarr"), "already exists")
+
+
+def test_interrupted_copy_is_never_a_store_and_resumes(store, tmp_path, monkeypatch):
+    from cachegen import share
+
+    destination = tmp_path / "copy.zarr"
+    real_write, written = share.FolderTarget.write, []
+
+    def crash_midway(self, key, data):
+        if len(written) == 7:
+            raise RuntimeError("simulated crash")
+        written.append(key)
+        real_write(self, key, data)
+
+    monkeypatch.setattr(share.FolderTarget, "write", crash_midway)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        share.copy_store(store, destination, jobs=1)
+    assert not destination.exists() and len(files_of(tmp_path / "copy.zarr.partial")) == 7 + 1
+    with pytest.raises(StoreError, match="no such store"):
+        open_cache(destination)
+    monkeypatch.setattr(share.FolderTarget, "write", real_write)
+    result = run_cli("cache", "copy", store, destination)
+    assert result.exit_code == 0 and "7 were already copied" in result.output
+    assert files_of(destination) == files_of(store)
+    assert run_cli("cache", "verify", destination).exit_code == 0
+
+
+def test_interrupted_copy_to_an_object_store_has_no_zarr_json(store, monkeypatch):
+    from cachegen import share
+
+    real_write, written = share.FsspecTarget.write, []
+
+    def crash_midway(self, key, data):
+        if len(written) == 5:
+            raise RuntimeError("simulated crash")
+        written.append(key)
+        real_write(self, key, data)
+
+    monkeypatch.setattr(share.FsspecTarget, "write", crash_midway)
+    with pytest.raises(RuntimeError):
+        share.copy_store(store, "memory://bucket/half.zarr", jobs=1)
+    with pytest.raises(StoreError, match="no zarr.json"):
+        open_cache("memory://bucket/half.zarr")
+    monkeypatch.setattr(share.FsspecTarget, "write", real_write)
+    summary = share.copy_store(store, "memory://bucket/half.zarr")
+    assert summary.skipped == 5
+    assert local_states("memory://bucket/half.zarr") == local_states(store)
+
+
+def test_copy_damaged_in_transit_is_copied_again(store, tmp_path, monkeypatch):
+    from cachegen import share
+
+    real_write, flipped = share.FolderTarget.write, []
+
+    def flip_once(self, key, data):
+        if key.startswith("states/c/") and not flipped:
+            flipped.append(key)
+            data = data[:40] + bytes([data[40] ^ 0x20]) + data[41:]
+        real_write(self, key, data)
+
+    monkeypatch.setattr(share.FolderTarget, "write", flip_once)
+    share.copy_store(store, tmp_path / "copy.zarr")
+    assert flipped and files_of(tmp_path / "copy.zarr") == files_of(store)
+
+
+def test_copy_of_a_damaged_store_is_refused_and_not_published(store, tmp_path):
+    source = serve(store, tmp_path, "damaged.zarr")
+    shard = sorted((source / "states" / "c").rglob("*"))[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    at_source = "fail their checksums at the source"
+    one_line_error(run_cli("cache", "copy", source, tmp_path / "out.zarr"), at_source, "nothing was published")
+    assert not (tmp_path / "out.zarr").exists()
+    one_line_error(run_cli("cache", "pack", source, tmp_path / "out.zip"), at_source)
+    assert not (tmp_path / "out.zip").exists()
+
+
+# --- safe to open -------------------------------------------------------------------------------
+
+def plant(store: Path, www: Path, name: str, edit) -> Path:
+    """A copy of `store` whose states metadata (consolidated and per-array) went through `edit`."""
+    copy = serve(store, www, name)
+    root = json.loads((copy / "zarr.json").read_text())
+    edit(root["consolidated_metadata"]["metadata"]["states"], root)
+    (copy / "zarr.json").write_text(json.dumps(root))
+    array = json.loads((copy / "states" / "zarr.json").read_text())
+    edit(array, root)
+    (copy / "states" / "zarr.json").write_text(json.dumps(array))
+    return copy
+
+
+def _pickle_inside_shards(array, root):
+    array["codecs"][0]["configuration"]["codecs"].append({"name": "numcodecs.pickle",
+                                                          "configuration": {"protocol": 5}})
+
+
+def _pickle_instead_of_shards(array, root):
+    array["codecs"] = [{"name": "numcodecs.pickle", "configuration": {"protocol": 5}}]
+
+
+def _object_dtype(array, root):
+    array["data_type"] = "|O"
+
+
+def _string_dtype(array, root):
+    array["data_type"] = "string"
+    array["fill_value"] = ""
+
+
+def _future_format(array, root):
+    root["attributes"]["ser"]["format_version"] = 99
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (_pickle_inside_shards, "refusing unknown codec(s) numcodecs.pickle"),
+    (_pickle_instead_of_shards, "refusing unknown codec(s) numcodecs.pickle"),
+    (_object_dtype, "refusing states of data type \"|O\""),
+    (_string_dtype, "refusing states of data type \"string\""),
+    (_future_format, "store format version 99 is not supported"),
+])
+def test_unsafe_or_incompatible_store_refused_before_decoding(edit, expected, store, www, server, tmp_path):
+    name = f"planted-{edit.__name__.strip('_')}.zarr"
+    local = plant(store, www, name, edit)
+    url = f"{server.url}/{name}"
+    mark = server.mark()
+    for command in ("info", "verify"):
+        one_line_error(run_cli("cache", command, url), expected)
+        one_line_error(run_cli("cache", command, local), expected)
+    # nothing past zarr.json was fetched: no index, no shard, nothing decoded
+    assert {r["path"] for r in server.requests_since(mark)} == {f"/{name}/zarr.json"}
+    one_line_error(run_cli("cache", "copy", url, tmp_path / "copy.zarr"), expected)
+    assert not (tmp_path / "copy.zarr").exists() and not (tmp_path / "copy.zarr.partial").exists()
+
+
+def _zip_with(store: Path, out: Path, member: zipfile.ZipInfo | str, data: bytes) -> Path:
+    import warnings
+
+    with zipfile.ZipFile(out, "w") as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a duplicate name is planted on purpose
+        for name, content in files_of(store).items():
+            archive.writestr(name, content)
+        archive.writestr(member, data)
+    return out
+
+
+def _symlink(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info
+
+
+@pytest.mark.parametrize("member,expected", [
+    ("../x", "refusing zip member '../x' (absolute or '..' path)"),
+    ("states/../../x", "refusing zip member 'states/../../x' (absolute or '..' path)"),
+    ("/abs/x", "refusing zip member '/abs/x' (absolute or '..' path)"),
+    (_symlink("states/c/99/0"), "refusing zip member 'states/c/99/0' (symbolic link)"),
+    ("zarr.json", "refusing zip with member 'zarr.json' twice"),
+])
+def test_unsafe_zip_refused(member, expected, store, tmp_path):
+    archive = _zip_with(store, tmp_path / "bad.zip", member, b"/etc/passwd")
+    for command in ("info", "verify"):
+        one_line_error(run_cli("cache", command, archive), expected)
+    one_line_error(run_cli("cache", "copy", archive, tmp_path / "out.zarr"), expected)
+    with pytest.raises(Exception, match="refusing"):
+        open_cache(archive)
