@@ -109,6 +109,29 @@ def cache_verify(store, cache_dir):
     click.echo(f"{store}: ok ({report.checked} utterances, every checksum matches)")
 
 
+@cache.command("copy")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--jobs", default=4, show_default=True, help="Files fetched at once.")
+def cache_copy(src, dst, jobs):
+    """Copy store SRC (folder, .zip or URL) to DST (folder, .zip or URL such as s3://...).
+
+    Resumable (rerun after an interruption), verified by checksum before DST becomes a store."""
+    from cachegen.share import copy_store
+
+    click.echo(copy_store(src, dst, jobs=jobs).text())
+
+
+@cache.command("pack")
+@click.argument("store")
+@click.argument("out", type=click.Path(dir_okay=False))
+def cache_pack(store, out):
+    """Pack STORE into one zip OUT (stored, not deflated), verified; readable in place."""
+    from cachegen.share import pack_store
+
+    click.echo(pack_store(store, out).text())
+
+
 def _floats(value: str | None, option: str) -> tuple[float, float] | None:
     if not value:
         return None
