@@ -353,11 +353,14 @@ class SourceStore(_store_base()):
 
     INDEX_CACHE_BYTES = 32 * 2**20
 
+    SPANS = 16  # prefetched byte spans kept (a few utterances read at once by threads)
+
     def __init__(self, source: Source):
         super().__init__(read_only=True)
         self.source = source
         self._suffixes: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._suffix_bytes = 0
+        self._spans: OrderedDict[tuple[str, int], bytes] = OrderedDict()
 
     def __eq__(self, other):
         return isinstance(other, SourceStore) and other.source is self.source
@@ -371,7 +374,9 @@ class SourceStore(_store_base()):
         if byte_range is None:
             data = await self.source.read(key)
         elif isinstance(byte_range, RangeByteRequest):
-            data = await self.source.read(key, byte_range.start, byte_range.end)
+            data = self._from_span(key, byte_range.start, byte_range.end)
+            if data is None:
+                data = await self.source.read(key, byte_range.start, byte_range.end)
         elif isinstance(byte_range, OffsetByteRequest):
             data = await self.source.read(key, byte_range.offset, None)
         elif isinstance(byte_range, SuffixByteRequest):
@@ -392,6 +397,33 @@ class SourceStore(_store_base()):
             while self._suffix_bytes > self.INDEX_CACHE_BYTES:
                 self._suffix_bytes -= len(self._suffixes.popitem(last=False)[1])
         return data
+
+    async def prefetch(self, key: str, first: int, last: int, *, chunks: int, index_size: int) -> None:
+        """Fetch inner chunks first..last of shard `key` in one ranged read, so that zarr's
+        chunk-by-chunk reads of one utterance cost one request instead of one each. Assumes ser's
+        shard layout (index at the end: `chunks` pairs of little-endian uint64 offset, length; then
+        a crc32c); zarr still decodes and checks everything, so a wrong guess only costs speed."""
+        index = await self._suffix(key, index_size)
+        if index is None or len(index) != index_size:
+            return
+        table = np.frombuffer(index, "<u8", count=2 * chunks).reshape(chunks, 2)[first:last + 1]
+        table = table[table[:, 0] != np.iinfo(np.uint64).max]  # chunks never written
+        if not len(table):
+            return
+        start, end = int(table[:, 0].min()), int((table[:, 0] + table[:, 1]).max())
+        if end - start > 2 * int(table[:, 1].sum()) + 2**16:  # not contiguous: read chunk by chunk
+            return
+        data = await self.source.read(key, start, end)
+        if data is not None and len(data) == end - start:
+            self._spans[(key, start)] = data
+            while len(self._spans) > self.SPANS:
+                self._spans.popitem(last=False)
+
+    def _from_span(self, key: str, start: int, end: int) -> bytes | None:
+        for (span_key, span_start), data in reversed(self._spans.items()):
+            if span_key == key and span_start <= start and end <= span_start + len(data):
+                return data[start - span_start:end - span_start]
+        return None
 
     async def get_partial_values(self, prototype, key_ranges):
         return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
@@ -466,6 +498,22 @@ def check_safe(location: str, array_meta: dict) -> None:
         raise StoreCorrupt(f"{location}: 'states' must be a 2-D array (frames, hidden)")
 
 
+def _coalescible(array_meta: dict) -> tuple[int, int, int] | None:
+    """(rows per shard, rows per inner chunk, shard index bytes) when the states use the shard
+    layout ser writes (index at the end, uint64 pairs then crc32c); otherwise None."""
+    codecs = array_meta.get("codecs", [])
+    if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+        return None
+    config = codecs[0].get("configuration", {})
+    index_codecs = [c.get("name") for c in config.get("index_codecs", [])]
+    shard_rows = array_meta["chunk_grid"]["configuration"]["chunk_shape"]
+    chunk_rows = config.get("chunk_shape", [])
+    if (config.get("index_location", "end") != "end" or index_codecs != ["bytes", "crc32c"]
+            or len(chunk_rows) != 2 or chunk_rows[1] != shard_rows[1] or shard_rows[0] % chunk_rows[0]):
+        return None
+    return shard_rows[0], chunk_rows[0], shard_rows[0] // chunk_rows[0] * 16 + 4
+
+
 class CacheReader:
     """Read-only view of a store: `.ids`, `len()`, `reader[id]` -> (frames, hidden) array,
     `.meta`, `.table` (the manifest), `.index` (one row per cached utterance), `.keys()` (the
@@ -522,6 +570,7 @@ class CacheReader:
             raise StoreError(f"{location}: index.parquet is missing: the build was interrupted "
                              "before its first commit was finalised; rerun `ser cache build`")
         self.index: pa.Table = index
+        self._layout = _coalescible(consolidated[ARRAY]) if self.source.kind == "fsspec" else None
         missing = [f.name for f in INDEX_SCHEMA if self.index.schema.get_field_index(f.name) < 0
                    or not self.index.schema.field(f.name).type.equals(f.type)]
         if missing:
@@ -560,6 +609,8 @@ class CacheReader:
         except KeyError:
             raise KeyError(f"{uid!r} is not in store {self.location}") from None
         try:
+            if self._layout:
+                self._prefetch(start, frames)
             raw = self.states[start:start + frames]
         except StoreError:
             raise  # unreachable or refused: nothing is known about the bytes
@@ -570,6 +621,26 @@ class CacheReader:
             raise StoreCorrupt(f"{self.location}: utterance '{uid}' fails its checksum (damaged or "
                                "missing chunk); run `ser cache verify` and rebuild the store")
         return raw
+
+    def _prefetch(self, start: int, frames: int) -> None:
+        """One ranged read per shard the utterance touches (remote sources only)."""
+        from zarr.core.sync import sync
+
+        shard_rows, chunk_rows, index_size = self._layout
+        chunks, requests = shard_rows // chunk_rows, []
+        for shard in range(start // shard_rows, (start + frames - 1) // shard_rows + 1):
+            low = max(start, shard * shard_rows) - shard * shard_rows
+            high = min(start + frames, (shard + 1) * shard_rows) - shard * shard_rows
+            first, last = low // chunk_rows, (high - 1) // chunk_rows
+            if last - first + 1 < chunks:  # zarr reads a whole shard in one piece by itself
+                key = f"{ARRAY}/{self.states.metadata.encode_chunk_key((shard, 0))}"
+                requests.append(self.store.prefetch(key, first, last, chunks=chunks, index_size=index_size))
+
+        async def gather():
+            await asyncio.gather(*requests)
+
+        if requests:
+            sync(gather())
 
     def __getitem__(self, uid: str) -> np.ndarray:
         """(frames, hidden) states of `uid` (float16/float32 as stored; bfloat16 as float32)."""

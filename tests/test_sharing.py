@@ -19,12 +19,13 @@ from http_server import StaticServer
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_model, corpus):
-    """A float16 store with shards of 128 frames: ~20 shard files, some shared by utterances."""
+    """A float16 store with shards of 256 frames (4 inner chunks): ~10 shard files, most shared
+    by several utterances of 1-2 chunks."""
     out = tmp_path_factory.mktemp("sharing") / "s.zarr"
     summary = build_cache(BuildConfig(manifest=corpus, out=str(out), model=tiny_model, layers=2,
-                                      shard_frames=128, batch_size=8, progress=False))
+                                      shard_frames=256, batch_size=8, progress=False))
     assert not summary.failed
-    assert len(list((out / "states" / "c").rglob("*"))) > 10
+    assert len(list((out / "states" / "c").rglob("*"))) >= 8
     return out
 
 
@@ -86,6 +87,13 @@ def test_http_store_reads_byte_for_byte_like_local(store, www, server):
     assert all(r["status"] in ("200", "206") for r in requests)
     shard_reads = [r for r in requests if "/states/c/" in r["path"] and r["method"] == "GET"]
     assert any(r["status"] == "206" for r in shard_reads)  # ranged reads where a shard is shared
+    # per shard its index, then one read per utterance (its chunks coalesced), or one whole read
+    from collections import Counter
+    users = Counter(key for uid in local.ids for key in local.shard_keys([uid]))
+    reads = Counter(r["path"].removeprefix("/http.zarr/") for r in shard_reads)
+    assert any(users[key] > 1 and any(local.frames(u) > 64 for u in local.ids if key in local.shard_keys([u]))
+               for key in users)  # the fixture has utterances of several chunks in shared shards
+    assert all(reads[key] <= 1 + users[key] for key in users), (reads, users)
 
     result = run_cli("cache", "verify", url)
     assert result.exit_code == 0 and f"{url}: ok (24 utterances" in result.output
@@ -97,6 +105,26 @@ def test_http_store_reads_byte_for_byte_like_local(store, www, server):
     info = json.loads(run_cli("cache", "info", url, "--json").output)
     assert info["bytes"] == sum(len(b) for b in files_of(store).values())
     assert info["files"] == len(files_of(store))
+
+
+_FORKED = {}
+
+
+def _read_in_worker(uid):
+    return _FORKED["reader"].read_raw(uid).tobytes()
+
+
+def test_http_reader_opened_before_a_fork_reads_in_the_workers(store, www, server):
+    """Data-loader workers are forked after the reader is opened; each needs its own connections."""
+    import multiprocessing
+
+    serve(store, www, "fork.zarr")
+    with open_cache(f"{server.url}/fork.zarr") as reader:
+        reader.read_raw(reader.ids[0])  # connections and zarr's event loop exist before the fork
+        _FORKED["reader"] = reader
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            states = pool.map(_read_in_worker, reader.ids)
+    assert states == list(local_states(store).values())
 
 
 def test_local_reading_writes_nothing(store, tmp_path):
@@ -392,3 +420,94 @@ def test_unsafe_zip_refused(member, expected, store, tmp_path):
     one_line_error(run_cli("cache", "copy", archive, tmp_path / "out.zarr"), expected)
     with pytest.raises(Exception, match="refusing"):
         open_cache(archive)
+
+
+# --- benchmark: `.venv/bin/python -m pytest -m bench -s tests/test_sharing.py` ------------------
+
+def synthetic_store(path: Path, *, hours: float, hidden: int = 768, seed: int = 0) -> Path:
+    """A float16 store shaped like wav2vec2-base states (hidden 768, 50 frames/s, utterances of
+    2-8 s, default ~16 MiB shards), filled with unit-variance noise (compresses about as little
+    as real hidden states do). No model is run."""
+    import numpy as np
+
+    from cachegen.store import FORMAT, FORMAT_VERSION, StoreWriter, default_shard_frames
+
+    if (path / "zarr.json").exists():
+        return path
+    rng = np.random.default_rng(seed)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": "float16",
+            "hidden_size": hidden, "chunk_frames": 64, "frame_rate": 50.0, "layers": 9,
+            "shard_frames": default_shard_frames(hidden, "float16", 64)}
+    writer = StoreWriter(path, meta)
+    seconds, total = [], 0.0
+    while total < hours * 3600:
+        seconds.append(float(rng.uniform(2, 8)))
+        total += seconds[-1]
+    for i, length in enumerate(seconds):
+        states = rng.standard_normal((int(length * 50), hidden), dtype=np.float32).astype(np.float16)
+        writer.add({"id": f"u{i:06d}", "seconds": length, "source_rate": 16000, "audio_sha256": ""}, states)
+    writer.flush()
+    writer.finalize(table=None, extra_meta={"complete": True})
+    writer.close()
+    return path
+
+
+def timed_pass(location: str, *, cache_dir=None, seed: int = 0) -> tuple[float, int]:
+    """Seconds to open `location` and read every utterance once in shuffled order; bytes read."""
+    import random
+    import time
+
+    started = time.perf_counter()
+    with open_cache(location, cache_dir=cache_dir) as reader:
+        order = list(reader.ids)
+        random.Random(seed).shuffle(order)
+        nbytes = sum(reader[uid].nbytes for uid in order)
+    return time.perf_counter() - started, nbytes
+
+
+@pytest.mark.bench
+def test_bench_remote_reading(tmp_path_factory):
+    import os
+    import platform
+
+    from cachegen.share import pack_store
+
+    work = Path(os.environ.get("SER_BENCH_DIR") or tmp_path_factory.mktemp("bench"))
+    hours = float(os.environ.get("SER_BENCH_HOURS", "1"))
+    store = synthetic_store(work / "www" / "bench.zarr", hours=hours)
+    packed = work / "bench.zip"
+    if not packed.exists():
+        pack_store(store, packed)
+    with open_cache(store) as reader:
+        utterances, audio_hours = len(reader), sum(reader.index.column("seconds").to_pylist()) / 3600
+        stored = reader.nbytes()
+
+    def evict(folder: Path):
+        for file in [folder] if folder.is_file() else [p for p in folder.rglob("*") if p.is_file()]:
+            fd = os.open(file, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+    server = StaticServer(work / "www")
+    url = f"{server.url}/bench.zarr"
+    rows = []
+    try:
+        cache_dir = work / "cache"
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        evict(store)
+        rows.append(("local folder, page cache dropped", *timed_pass(str(store))))
+        rows.append(("local folder, warm", *timed_pass(str(store))))
+        evict(packed)
+        rows.append(("local zip (`ser cache pack`), page cache dropped", *timed_pass(str(packed))))
+        rows.append(("HTTP 127.0.0.1, ranged reads, no cache", *timed_pass(url)))
+        rows.append(("HTTP 127.0.0.1, --cache-dir cold (first epoch)", *timed_pass(url, cache_dir=cache_dir)))
+        rows.append(("HTTP 127.0.0.1, --cache-dir warm (later epochs)", *timed_pass(url, cache_dir=cache_dir)))
+    finally:
+        server.stop()
+    print(f"\n{utterances} utterances, {audio_hours:.2f} h of audio, {stored / 2**20:.0f} MiB stored "
+          f"(float16, hidden 768); {os.cpu_count()} CPU cores, Python {platform.python_version()}")
+    print("| source | pass (s) | utterances/s | MiB/s decoded | audio h/s |")
+    print("|---|---|---|---|---|")
+    for name, seconds, nbytes in rows:
+        print(f"| {name} | {seconds:.1f} | {utterances / seconds:.0f} | {nbytes / 2**20 / seconds:.0f} "
+              f"| {audio_hours / seconds:.2f} |")
