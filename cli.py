@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -153,7 +154,9 @@ def _floats(value: str | None, option: str) -> tuple[float, float] | None:
 @click.option("--top-layers", default=3, show_default=True, help="Transformer layers finetuned (K).")
 @click.option("--targets", default="activation,valence,dominance", show_default=True,
               help="Label columns to predict, comma-separated.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--resume", default=None, type=click.Path(file_okay=False, exists=True),
+              help="Continue this run from its last epoch checkpoint (same options).")
 @click.option("--labels", default=None, type=click.Path(dir_okay=False),
               help="Labels table (CSV/Parquet: id, targets, split) instead of the store's.")
 @click.option("--train-split", default="train", show_default=True)
@@ -180,13 +183,21 @@ def _floats(value: str | None, option: str) -> tuple[float, float] | None:
 @click.option("--cache-dir", default=None, help="Keep fetched remote chunks here.")
 @click.option("--audio-root", default=None, type=click.Path(file_okay=False))
 @click.option("--no-progress", is_flag=True)
-def train_command(targets, label_range, no_progress, **options):
+def train_command(targets, label_range, no_progress, out, resume, **options):
     """Finetune the top K layers and a regression head (from a store or from audio)."""
     from headtrain import TrainConfig, train
 
-    result = train(TrainConfig(targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+    if resume and out and Path(out).resolve() != Path(resume).resolve():
+        raise click.BadParameter("--resume continues a run in place: drop --out or give the same folder")
+    if not (out or resume):
+        raise click.UsageError("Missing option '--out'.")
+    result = train(TrainConfig(out=out or resume, resume=bool(resume), targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
                                label_range=_floats(label_range, "--label-range"),
                                progress=not no_progress, **options))
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
     dev = ", ".join(f"{t} {m['ccc']:.3f}" for t, m in (result.best_dev or {}).items())
     click.echo(f"best epoch {result.best_epoch}: dev CCC {dev}; run written to {result.run_dir} "
                f"(curves.png, log.jsonl, config.json, model.safetensors)")

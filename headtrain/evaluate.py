@@ -20,6 +20,9 @@ def predict_split(model, source, ids: list[str], *, batch_size: int, device, acc
     model.eval()
     plan = plan_batches([source.length(uid) for uid in ids], batch_size=batch_size, seed=0, epoch=0,
                         shuffle=False)
+    processes = accelerator.num_processes if accelerator is not None else 1
+    if processes > 1:  # round robin over length-sorted batches; gathered back below
+        plan = plan[accelerator.process_index::processes]
     out = np.zeros((len(ids), 0))
     rows = []
     for indices, batch in zip(plan, iterate_batches(source, ids, None, plan, workers=workers)):
@@ -32,6 +35,9 @@ def predict_split(model, source, ids: list[str], *, batch_size: int, device, acc
         else:
             pred = model(inputs, mask)
         rows.append((indices, pred.float().cpu().numpy()))
+    if processes > 1:
+        from accelerate.utils import gather_object
+        rows = gather_object(rows)
     if rows:
         out = np.zeros((len(ids), rows[0][1].shape[1]))
         for indices, pred in rows:

@@ -65,6 +65,7 @@ def fit(*, model, optimizer, scheduler, accelerator, loss_fn: Callable, epochs: 
             seen += len(batch.ids)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         seconds = time.perf_counter() - started
+        seen = int(accelerator.reduce(torch.tensor(seen, device=accelerator.device), "sum"))
         dev = evaluate()
         record = {"epoch": epoch + 1, "train_loss": loss_sum / steps if steps else None,
                   "dev": dev["metrics"], "dev_mean_ccc": dev["mean_ccc"], "seconds": seconds,
@@ -77,12 +78,14 @@ def fit(*, model, optimizer, scheduler, accelerator, loss_fn: Callable, epochs: 
             stale += 1
         history.append(record)
         on_epoch(record, improved)
-        log.info("epoch %d/%d: train loss %s, dev CCC %s (mean %.3f)%s, %.1f s, %.1f utt/s",
-                 epoch + 1, epochs, f"{record['train_loss']:.4f}" if steps else "n/a",
-                 ", ".join(f"{t} {m['ccc']:.3f}" for t, m in dev["metrics"].items()),
-                 dev["mean_ccc"], " *best*" if improved else "", seconds,
-                 record["utterances_per_second"] or 0)
+        if accelerator.is_main_process:
+            log.info("epoch %d/%d: train loss %s, dev CCC %s (mean %.3f)%s, %.1f s, %.1f utt/s",
+                     epoch + 1, epochs, f"{record['train_loss']:.4f}" if steps else "n/a",
+                     ", ".join(f"{t} {m['ccc']:.3f}" for t, m in dev["metrics"].items()),
+                     dev["mean_ccc"], " *best*" if improved else "", seconds,
+                     record["utterances_per_second"] or 0)
         if early_stop and stale >= early_stop:
-            log.info("early stop: dev CCC did not improve for %d epochs", stale)
+            if accelerator.is_main_process:
+                log.info("early stop: dev CCC did not improve for %d epochs", stale)
             break
     return history

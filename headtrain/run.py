@@ -127,3 +127,65 @@ def load_run(run_dir: str | Path, *, from_audio: bool, cache_layer: int | None =
                      targets=info["targets"], mean=np.array(info["label_mean"]),
                      std=np.array(info["label_std"]))
 
+
+
+CHECKPOINT = "checkpoint"
+
+
+def save_checkpoint(run_dir: Path, *, model, optimizer, scheduler, state: dict) -> None:
+    """Everything needed to continue after `state["epoch"]`: trained tensors, optimizer
+    moments, scheduler position and RNG state (safetensors), and the rest as JSON. Written
+    to a temporary folder, then swapped in: a kill never leaves half a checkpoint."""
+    import shutil
+
+    tensors = {f"model.{n}": t for n, t in model.trained_state().items()}
+    optimizer_state = optimizer.state_dict()
+    for index, moments in optimizer_state["state"].items():
+        for name, value in moments.items():
+            tensor = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"optimizer.{index}.{name}"] = tensor.detach().cpu()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    staging = run_dir / f"{CHECKPOINT}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    save_tensors(tensors, staging / "state.safetensors")
+    write_json({**state, "optimizer_param_groups": optimizer_state["param_groups"],
+                "scheduler": scheduler_state}, staging / "state.json")
+    final = run_dir / CHECKPOINT
+    old = run_dir / f"{CHECKPOINT}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run_dir: Path, *, model, optimizer, scheduler) -> dict:
+    """Restore what save_checkpoint wrote; returns its JSON state (epoch, best, history)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = run_dir / CHECKPOINT
+    if not (folder / "state.json").is_file() and (run_dir / f"{CHECKPOINT}.old" / "state.json").is_file():
+        folder = run_dir / f"{CHECKPOINT}.old"  # killed while swapping: the previous one is whole
+    if not (folder / "state.json").is_file():
+        raise ConfigError(f"{run_dir}: no checkpoint to resume from (none is written before the "
+                          "first epoch ends); start the run again without --resume")
+    state = json.loads((folder / "state.json").read_text())
+    tensors = load_file(str(folder / "state.safetensors"))
+    model.load_trained_state({n[len("model."):]: t for n, t in tensors.items() if n.startswith("model.")})
+    moments: dict[int, dict] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            moments.setdefault(int(index), {})[key] = tensor
+    optimizer.load_state_dict({"state": moments, "param_groups": state["optimizer_param_groups"]})
+    scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return state

@@ -52,6 +52,7 @@ class TrainConfig:
     workers: int = 2
     cache_dir: str | None = None
     audio_root: str | None = None
+    resume: bool = False  # continue the run in `out` from its last epoch checkpoint
     progress: bool = True
 
     @property
@@ -173,13 +174,23 @@ def check_store_matches(location: str, meta: dict, loaded) -> None:
                                 f"'{loaded.model_id}' has {value}")
 
 
+# Options that may differ when resuming: they change where and how fast, not what is computed.
+RESUMABLE_CHANGES = {"progress", "workers", "device", "cache_dir", "resume", "out", "from_cache",
+                     "manifest", "model", "audio_root", "labels"}
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Train per `config`; writes the run directory `config.out` and returns the best epoch.
+
+    Under `accelerate launch --num_processes N`, each process trains on its slice of every
+    global batch of N * batch_size utterances; only the main process writes the run directory.
 
     Example:
         >>> train(TrainConfig(out="runs/a", from_cache="msp.zarr", top_layers=3,
         ...                   targets=("activation",)))  # doctest: +SKIP
     """
+    import json
+
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
@@ -188,11 +199,17 @@ def train(config: TrainConfig) -> TrainResult:
     from .evaluate import predict_split
     from .loop import fit
     from .metrics import LOSSES, mean_ccc, target_metrics
+    from .parallel import global_loss, local_plan
     from .plots import plot_curves
-    from .run import RUN_FORMAT, RUN_FORMAT_VERSION, WEIGHTS, save_tensors, write_json
+    from .run import (RUN_FORMAT, RUN_FORMAT_VERSION, WEIGHTS, load_checkpoint, save_checkpoint,
+                      save_tensors, write_json)
     from .upper import EmotionModel, count_parameters
 
     config.validate()
+    run_dir = Path(config.out)
+    if config.resume:
+        check_resumable(config, run_dir)
+    accelerator = Accelerator(mixed_precision=config.resolved_amp, cpu=config.resolved_device == "cpu")
     strategy = config.resolved_strategy
     source, table, table_name, loaded, cache_layer, store_meta = open_sources(config)
     layers = loaded.num_layers
@@ -221,13 +238,20 @@ def train(config: TrainConfig) -> TrainResult:
         {"params": body_params, "lr": config.lr},
         {"params": head_params, "lr": config.head_lr},
     ], weight_decay=config.weight_decay)
+    processes, process = accelerator.num_processes, accelerator.process_index
     train_lengths = [source.length(uid) for uid in train_split.ids]
-    steps_per_epoch = math.ceil(len(train_split.ids) / config.batch_size)
+    global_batch = config.batch_size * processes
+
+    def epoch_plan(epoch: int) -> list[list[int]]:
+        plan = plan_batches(train_lengths, batch_size=global_batch, seed=config.seed, epoch=epoch)
+        return local_plan(plan, process, processes)
+
+    steps_per_epoch = len(epoch_plan(0))
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(config.warmup * steps_per_epoch * config.epochs), steps_per_epoch * config.epochs)
-    accelerator = Accelerator(mixed_precision=config.resolved_amp,
-                              cpu=config.resolved_device == "cpu")
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # the scheduler stays unprepared: accelerate would step it once per process, but every
+    # process takes one step of the same global batch
+    model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
     train_targets = (train_split.targets - mean) / std
 
@@ -239,9 +263,9 @@ def train(config: TrainConfig) -> TrainResult:
         return batch
 
     def train_batches(epoch: int):
-        plan = plan_batches(train_lengths, batch_size=config.batch_size, seed=config.seed, epoch=epoch)
-        for batch in iterate_batches(source, train_split.ids, train_targets, plan, seed=config.seed,
-                                     epoch=epoch, max_frames=config.max_frames, workers=config.workers):
+        for batch in iterate_batches(source, train_split.ids, train_targets, epoch_plan(epoch),
+                                     seed=config.seed, epoch=epoch, max_frames=config.max_frames,
+                                     workers=config.workers):
             yield to_device(batch)
 
     def evaluate() -> dict:
@@ -250,8 +274,6 @@ def train(config: TrainConfig) -> TrainResult:
         metrics = target_metrics(pred * std + mean, dev_split.targets, list(config.targets))
         return {"metrics": metrics, "mean_ccc": mean_ccc(metrics)}
 
-    run_dir = Path(config.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
     info = {
         "format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "strategy": strategy,
         "model_id": loaded.model_id, "model_sha256": loaded.weights_sha256,
@@ -264,38 +286,79 @@ def train(config: TrainConfig) -> TrainResult:
             "location": config.from_cache, "layers": store_meta["layers"], "dtype": store_meta["dtype"],
             "model_sha256": store_meta["model_sha256"], "format_version": store_meta["format_version"]},
         "config": asdict(config), "amp": config.resolved_amp, "device": str(device),
+        "processes": processes, "global_batch_size": global_batch,
         "train_utterances": len(train_split.ids), "dev_utterances": len(dev_split.ids),
     }
     log_path = run_dir / "log.jsonl"
-    log_path.write_text("")
-    best = {"epoch": 0, "dev": None}
+    best = {"epoch": 0, "dev": None, "mean": -math.inf}
     history: list[dict] = []
+    start_epoch = 0
+    if config.resume:
+        state = load_checkpoint(run_dir, model=accelerator.unwrap_model(model), optimizer=optimizer,
+                                scheduler=scheduler)
+        start_epoch, history, best = state["epoch"], state["history"], state["best"]
+        best["mean"] = best["mean"] if best["mean"] is not None else -math.inf
+        if accelerator.is_main_process:
+            log.info("resuming %s after epoch %d of %d", run_dir, start_epoch, config.epochs)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # a resumed run forgets epochs logged after its checkpoint: they are trained again
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+        if not config.resume:
+            write_json({**info, "best_epoch": None, "best_dev": None}, run_dir / "config.json")
+    accelerator.wait_for_everyone()
 
     def on_epoch(record: dict, improved: bool) -> None:
-        import json
-
         history.append(record)
+        if improved:
+            best.update(epoch=record["epoch"], dev=record["dev"], mean=record["dev_mean_ccc"])
         if accelerator.is_main_process:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            unwrapped = accelerator.unwrap_model(model)
             if improved:
-                save_tensors(accelerator.unwrap_model(model).trained_state(), run_dir / WEIGHTS)
-                best.update(epoch=record["epoch"], dev=record["dev"], mean=record["dev_mean_ccc"])
+                save_tensors(unwrapped.trained_state(), run_dir / WEIGHTS)
                 write_json({**info, "best_epoch": best["epoch"], "best_dev": best["dev"]},
                            run_dir / "config.json")
+            save_checkpoint(run_dir, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
+                            state={"epoch": record["epoch"], "history": history,
+                                   "best": {**best, "mean": best["mean"] if math.isfinite(best["mean"]) else None}})
             plot_curves(history, str(run_dir / "curves.png"))
+        accelerator.wait_for_everyone()
 
-    log.info("training %s: %d of %d parameters (%.1f%%) learn; %d train / %d dev utterances; "
-             "amp %s on %s", strategy, trainable, total, 100 * trainable / total,
-             len(train_split.ids), len(dev_split.ids), config.resolved_amp, device)
+    if accelerator.is_main_process:
+        log.info("training %s: %d of %d parameters (%.1f%%) learn; %d train / %d dev utterances; "
+                 "amp %s on %s%s", strategy, trainable, total, 100 * trainable / total,
+                 len(train_split.ids), len(dev_split.ids), config.resolved_amp, device,
+                 f", {processes} processes" if processes > 1 else "")
     fit(model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
-        loss_fn=LOSSES[config.loss], epochs=config.epochs, clip=config.clip,
+        loss_fn=global_loss(LOSSES[config.loss], accelerator), epochs=config.epochs, clip=config.clip,
         train_batches=train_batches, evaluate=evaluate, on_epoch=on_epoch,
-        early_stop=config.early_stop, progress=config.progress, steps_per_epoch=steps_per_epoch)
-    if best["epoch"] == 0:  # dev CCC was never finite: keep the last weights, flagged
-        save_tensors(accelerator.unwrap_model(model).trained_state(), run_dir / WEIGHTS)
-        write_json({**info, "best_epoch": len(history), "best_dev": history[-1]["dev"]},
-                   run_dir / "config.json")
-    write_json({"best_epoch": best["epoch"], "dev": best["dev"]}, run_dir / "metrics.json")
+        early_stop=config.early_stop, progress=config.progress, steps_per_epoch=steps_per_epoch,
+        start_epoch=start_epoch, best=best["mean"])
+    if accelerator.is_main_process:
+        if best["epoch"] == 0:  # dev CCC was never finite: keep the last weights, flagged
+            save_tensors(accelerator.unwrap_model(model).trained_state(), run_dir / WEIGHTS)
+            write_json({**info, "best_epoch": len(history), "best_dev": history[-1]["dev"]},
+                       run_dir / "config.json")
+        write_json({"best_epoch": best["epoch"], "dev": best["dev"]}, run_dir / "metrics.json")
+    accelerator.wait_for_everyone()
     return TrainResult(run_dir=str(run_dir), best_epoch=best["epoch"], best_dev=best["dev"],
                        history=history, trainable_parameters=trainable, total_parameters=total)
+
+
+def check_resumable(config: TrainConfig, run_dir: Path) -> None:
+    """A resumed run must compute what the interrupted one would have: same training options."""
+    import json
+
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.json there; is it a run directory?")
+    saved = json.loads(path.read_text()).get("config", {})
+    current = asdict(config)
+    for name, value in current.items():
+        old = saved.get(name)
+        if name in RESUMABLE_CHANGES or old == value or (isinstance(value, tuple) and list(value) == old):
+            continue
+        raise ConfigError(f"--resume {run_dir}: the run used --{name.replace('_', '-')} {old!r}, "
+                          f"this command {value!r}; resume with the same options")
