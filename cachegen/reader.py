@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import StoreCorrupt, StoreError, UnsafeInput
+from .errors import SerError, StoreCorrupt, StoreError, UnsafeInput
 from .store import (ALLOWED_CODECS, FORMAT, FORMAT_VERSION, INDEX_SCHEMA, STORAGE_DTYPES,
                     _quiet_zarr, checksum, from_storage, write_atomic)
 
@@ -279,7 +279,7 @@ class LocalCopy(Source):
         self.location = remote.location
         self.folder = Path(cache_dir) / hashlib.sha256(remote.location.encode()).hexdigest()[:16]
         self.local = FolderSource(self.folder)
-        self.offline = False
+        self.offline, self._warned = False, False
         self._refresh()
 
     def _refresh(self) -> None:
@@ -292,7 +292,9 @@ class LocalCopy(Source):
             log.warning("%s; reading the local copy in %s", err, self.folder)
             self.offline = True
             return
-        if root is not None and (not cached.is_file() or cached.read_bytes() != root):
+        if root is None:  # no store there any more: its old copy must not stand in for it
+            shutil.rmtree(self.folder, ignore_errors=True)
+        elif not cached.is_file() or cached.read_bytes() != root:
             if self.folder.exists():
                 log.info("%s changed since it was cached; dropping the local copy", self.location)
                 shutil.rmtree(self.folder, ignore_errors=True)
@@ -310,8 +312,13 @@ class LocalCopy(Source):
         if data is None:
             return None
         target = self.folder.joinpath(*_member_path(key).parts)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(write_atomic, target, data)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(write_atomic, target, data)
+        except OSError as err:  # a full or read-only cache costs speed, never the read
+            if not self._warned:
+                log.warning("cannot keep %s in %s (%s); reading remotely", key, self.folder, err)
+                self._warned = True
         return _span(io.BytesIO(data), start, end, len(data))
 
     async def size(self, key):
@@ -527,6 +534,12 @@ class CacheReader:
         self.location = self.source.location
         try:
             self._open(zarr)
+        except SerError:
+            self.source.close()
+            raise
+        except Exception as err:  # metadata that parses as JSON but not as a zarr array
+            self.source.close()
+            raise StoreCorrupt(f"{self.location}: cannot be opened ({type(err).__name__}: {err})") from None
         except BaseException:
             self.source.close()
             raise

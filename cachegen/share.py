@@ -198,7 +198,11 @@ class FsspecTarget(Target):
         if not same:
             self.fs.pipe_file(path, json.dumps(marker).encode())
             return set()  # files of another source may be there: every one is written again
-        return {key for key in marker["keys"] if key != ROOT and self._exists(key)}
+        try:  # one listing where the store can list (S3, GCS), else one request per file
+            present = {p.removeprefix(self.root + "/") for p in self.fs.find(self.root)}
+        except Exception:
+            present = {key for key in marker["keys"] if self._exists(key)}
+        return present & set(marker["keys"])
 
     def write(self, key, data):
         self.fs.pipe_file(f"{self.root}/{key}", data)
@@ -276,17 +280,25 @@ def copy_store(source: str | Path, destination: str | Path, *, jobs: int = 4) ->
         raise ConfigError(f"{destination} is the source itself; choose another destination")
     with open_cache(source) as reader:  # refuses unsafe or unfinished stores before any copying
         keys = [key for key in reader.keys() if key != ROOT]
+        shards = set(reader.shard_keys())
         target = open_target(destination)
         marker = {"source": source, "zarr_json_sha256": hashlib.sha256(reader.root_json).hexdigest(),
                   "keys": keys}
-        done = target.begin(marker)
-        summary = CopySummary(source, destination, files=len(keys) + 1, skipped=len(set(keys) & done))
+        done = target.begin(marker) & shards  # small metadata files are always copied again
+        summary = CopySummary(source, destination, files=len(keys) + 1, skipped=len(done))
         todo = [key for key in keys if key not in done]
         log.info("copying %d of %d files from %s to %s%s", len(todo) + 1, len(keys) + 1, source,
                  destination, f" ({summary.skipped} copied by an earlier run)" if summary.skipped else "")
-        summary.bytes += _copy_files(reader.source, target, todo, jobs=jobs)
+        digests = _copy_files(reader.source, target, todo, jobs=jobs)
+        summary.bytes += sum(size for size, _ in digests.values())
         for attempt in (1, 2):
-            with CacheReader(target.staged(reader.root_json)) as copy:
+            staged = target.staged(reader.root_json)
+            for key in keys:  # metadata files have no checksum inside the store: compare them
+                if key not in shards and _digest(read_key(staged, key)) != digests[key]:
+                    staged.close()
+                    raise StoreCorrupt(f"{destination}: {key} differs from the source after copying; "
+                                       "rerun the same command")
+            with CacheReader(staged) as copy:
                 report = verify_reader(copy)
                 damaged_keys = copy.shard_keys(report.damaged)
             if report.ok:
@@ -301,7 +313,8 @@ def copy_store(source: str | Path, destination: str | Path, *, jobs: int = 4) ->
                                    f"problem(s), first: {report.problems[0]}); nothing was published")
             log.warning("%d file(s) of the copy fail their checksums; copying them again", len(damaged_keys))
             target.discard(damaged_keys)
-            summary.bytes += _copy_files(reader.source, target, damaged_keys, jobs=jobs)
+            again = _copy_files(reader.source, target, damaged_keys, jobs=jobs)
+            summary.bytes += sum(size for size, _ in again.values())
         target.publish(reader.root_json)
         summary.copied = len(todo) + 1
         summary.bytes += len(reader.root_json)
@@ -318,8 +331,13 @@ def _intact(reader: CacheReader, uid: str) -> bool:
         return False
 
 
-def _copy_files(source: Source, target: Target, keys: list[str], *, jobs: int) -> int:
-    def copy_one(key: str) -> int:
+def _digest(data: bytes | None) -> tuple[int, str] | None:
+    return None if data is None else (len(data), hashlib.sha256(data).hexdigest())
+
+
+def _copy_files(source: Source, target: Target, keys: list[str], *, jobs: int) -> dict:
+    """Copy `keys`, `jobs` at a time; returns {key: (size, sha256)} of what was written."""
+    def copy_one(key: str) -> tuple[int, str]:
         data = read_key(source, key)
         if data is None:
             raise StoreCorrupt(f"{source.location}: {key} is missing; the store is incomplete "
@@ -329,10 +347,10 @@ def _copy_files(source: Source, target: Target, keys: list[str], *, jobs: int) -
         except OSError as err:
             raise StoreError(f"{target.location}: cannot write {key} ({err}); fix that and rerun "
                              "the same command to resume") from None
-        return len(data)
+        return _digest(data)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        return sum(pool.map(copy_one, keys))
+        return dict(zip(keys, pool.map(copy_one, keys)))
 
 
 def pack_store(store: str | Path, out: str | Path) -> CopySummary:
