@@ -83,7 +83,7 @@ def cache_build(manifest, model, layers, out, dtype, batch_size, device, workers
 @cache.command("info")
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-@click.option("--cache-dir", default=None, help="Keep fetched remote chunks here.")
+@click.option("--cache-dir", default=None, help="Keep a remote store's files here after their first read.")
 def cache_info(store, as_json, cache_dir):
     """Show what a store holds: model, layer, dtype, utterances, hours, size, failures."""
     import json
@@ -96,7 +96,7 @@ def cache_info(store, as_json, cache_dir):
 
 @cache.command("verify")
 @click.argument("store")
-@click.option("--cache-dir", default=None, help="Keep fetched remote chunks here.")
+@click.option("--cache-dir", default=None, help="Keep a remote store's files here after their first read.")
 def cache_verify(store, cache_dir):
     """Check every utterance's checksum and the index; exit 1 naming each problem."""
     from cachegen.inspect import verify_store
