@@ -17,6 +17,21 @@ from pathlib import Path
 REQUEST = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[\d.]+" (?P<status>\d{3})')
 
 
+# Runs the server module under a watchdog: it exits when the test process that started it is
+# gone (even after a SIGKILL) or after `lifetime` seconds, so no server outlives a test run.
+WATCHED = """
+import os, runpy, sys, threading, time
+parent, deadline = os.getppid(), time.monotonic() + float(sys.argv[1])
+def watch():
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.5)
+    os._exit(0)
+threading.Thread(target=watch, daemon=True).start()
+sys.argv = sys.argv[2:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -24,10 +39,11 @@ def free_port() -> int:
 
 
 class StaticServer:
-    """`python -m MODULE PORT --bind 127.0.0.1` serving `root`; stop it with `stop()`."""
+    """`python -m MODULE PORT --bind 127.0.0.1` serving `root` (loopback only); `stop()` ends it."""
 
-    def __init__(self, root: str | Path, *, module: str = "RangeHTTPServer", log: Path | None = None):
-        self.root, self.module = Path(root), module
+    def __init__(self, root: str | Path, *, module: str = "RangeHTTPServer", log: Path | None = None,
+                 lifetime: float = 900.0):
+        self.root, self.module, self.lifetime = Path(root), module, lifetime
         self.log_path = log or self.root.parent / f"{module}-{id(self)}.log"
         self.proc: subprocess.Popen | None = None
         self.start()
@@ -36,8 +52,8 @@ class StaticServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-u", "-m", self.module, str(self.port),
-                                      "--bind", "127.0.0.1"], cwd=self.root,
+        self.proc = subprocess.Popen([sys.executable, "-u", "-c", WATCHED, str(self.lifetime), self.module,
+                                      str(self.port), "--bind", "127.0.0.1"], cwd=self.root,
                                      stdout=self._log, stderr=self._log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
