@@ -65,19 +65,33 @@ def cache() -> None:
 @click.option("--shard-frames", type=int, default=None,
               help="Frames per shard file (default: about 16 MiB per file).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --out first.")
+@click.option("--part", default=None, metavar="I/N",
+              help="Cache only part I of N (independent jobs, e.g. a SLURM array); finalise "
+                   "afterwards with the same command without --part.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def cache_build(manifest, model, layers, out, dtype, batch_size, device, workers, audio_root,
-                shard_frames, overwrite, no_progress):
+                shard_frames, overwrite, part, no_progress):
     """Run the feature encoder and lower LAYERS layers once; store each utterance's states."""
     from cachegen.build import BuildConfig, build_cache
 
     summary = build_cache(BuildConfig(
         manifest=manifest, out=out, model=model, layers=layers, dtype=dtype, batch_size=batch_size,
         device=device, workers=workers, overwrite=overwrite, audio_root=audio_root,
-        shard_frames=shard_frames, progress=not no_progress))
-    click.echo(summary.text())
+        shard_frames=shard_frames, part=_part(part), progress=not no_progress))
+    if summary.main:
+        click.echo(summary.text())
     if summary.failed:
         sys.exit(1)
+
+
+def _part(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    try:
+        index, count = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected I/N such as 1/4", param_hint="--part")
+    return index, count
 
 
 @cache.command("info")

@@ -19,7 +19,7 @@ from .errors import AudioError, ConfigError, StoreError, StoreMismatch
 from .manifest import Utterance, load_manifest
 from .model import DEFAULT_MODEL, LoadedModel, load_model
 from .store import (FORMAT, FORMAT_VERSION, STORAGE_DTYPES, StoreWriter, default_shard_frames,
-                    fingerprint_difference, read_meta, to_storage)
+                    fingerprint_difference, load_index, read_meta, to_storage)
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,12 @@ class BuildConfig:
     audio_root: str | None = None
     chunk_frames: int = 64
     shard_frames: int | None = None  # default: ~16 MiB shard files
+    part: tuple[int, int] | None = None  # (I, N), 1-based: one of N independent jobs
     progress: bool = True
 
     def validate(self) -> None:
+        if self.part and not 1 <= self.part[0] <= self.part[1]:
+            raise ConfigError(f"--part {self.part[0]}/{self.part[1]}: expected I/N with 1 <= I <= N")
         if self.dtype not in STORAGE_DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
         if self.layers < 0:
@@ -70,6 +73,8 @@ class BuildSummary:
     seconds: float = 0.0
     store_bytes: int = 0
     total: int = 0
+    part: tuple[int, int] | None = None
+    main: bool = True  # False on the other processes of a multi-process build
 
     def text(self) -> str:
         rate = self.cached / self.seconds if self.seconds else 0.0
@@ -80,6 +85,9 @@ class BuildSummary:
         if self.already:
             parts.append(f"{self.already} were already cached and were not recomputed")
         parts.append(f"the store holds {self.total} utterances in {self.store_bytes / 2**20:.1f} MiB")
+        if self.part:
+            parts.append(f"part {self.part[0]}/{self.part[1]} is committed; once every part is done, "
+                         "run the same command without --part to finalise the store")
         if self.failed:
             names = ", ".join(f["id"] for f in self.failed[:10])
             parts.append(f"{len(self.failed)} failed and were skipped ({names}"
@@ -157,8 +165,44 @@ def decode(utterance: Utterance, feature_extractor, min_samples: int):
         return err, None
 
 
+def writers(config: BuildConfig):
+    """(this writer, number of writers, accelerate state or None): a --part, a process of
+    `accelerate launch`, or the only one."""
+    import os
+
+    if config.part:
+        return config.part[0] - 1, config.part[1], None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch_cuda_available())
+        return state.process_index, state.num_processes, state
+    return 0, 1, None
+
+
+def torch_cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def assign(batches: list[list[Utterance]], seconds: dict[str, float], count: int) -> list[list[int]]:
+    """Batch numbers per writer, balanced by audio duration (longest first, to the least
+    loaded writer); fixed by the manifest, so a rerun gives every writer the same work."""
+    loads, work = [0.0] * count, [[] for _ in range(count)]
+    durations = [sum(seconds[u.id] for u in b) for b in batches]
+    for number in sorted(range(len(batches)), key=lambda n: (-durations[n], n)):
+        target = min(range(count), key=lambda w: (loads[w], w))
+        loads[target] += durations[number]
+        work[target].append(number)
+    return [sorted(numbers) for numbers in work]
+
+
 def build_cache(config: BuildConfig) -> BuildSummary:
     """Build (or resume) a store of layer-`config.layers` states for every manifest row.
+
+    Runs as one process, as every process of `accelerate launch` (each caches its share of
+    the utterances into its own shard files; the main process finalises once all are done),
+    or as one `--part I/N` of independent jobs (finalised by a later run without --part).
 
     Raises:
         ManifestError, ModelError, ConfigError, StoreMismatch: before any compute.
@@ -170,8 +214,14 @@ def build_cache(config: BuildConfig) -> BuildSummary:
     from tqdm import tqdm
 
     from .lower import LowerStack
+    from .store import committed_count
 
     config.validate()
+    rank, world, state = writers(config)
+    if world > 1 and config.overwrite:
+        raise ConfigError("--overwrite with several writers would let each delete the others' "
+                          "work: delete the store first, or overwrite it with a single process")
+    main = rank == 0 and config.part is None
     manifest = load_manifest(config.manifest, audio_root=config.audio_root)
     loaded = load_model(config.model)
     if config.layers > loaded.num_layers:
@@ -187,19 +237,26 @@ def build_cache(config: BuildConfig) -> BuildSummary:
                     created=existing.get("created"))
     else:
         meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    writer = StoreWriter(config.out, meta)
+    if state is not None:
+        state.wait_for_everyone()  # the store exists before any other process opens it
+    writer = StoreWriter(config.out, meta, writer=rank)
     summary = BuildSummary(store=str(config.out), already=sum(
         u.id in writer.committed for u in manifest.utterances))
     with ThreadPoolExecutor(max_workers=16) as pool:
         seconds = dict(zip([u.id for u in manifest.utterances],
                            pool.map(audio_seconds, [u.path for u in manifest.utterances])))
-    batches = [b for b in batches_in_order(manifest.utterances, seconds, config.batch_size)
-               if any(u.id not in writer.committed for u in b)]
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    every = batches_in_order(manifest.utterances, seconds, config.batch_size)
+    todo_all = sum(u.id not in writer.committed for u in manifest.utterances)
+    batches = [every[n] for n in assign(every, seconds, world)[rank]
+               if any(u.id not in writer.committed for u in every[n])]
+    device = config.device or (str(state.device) if state is not None else
+                               ("cuda" if torch.cuda.is_available() else "cpu"))
     lower = LowerStack(loaded.model, config.layers, device=device)
     todo = sum(u.id not in writer.committed for b in batches for u in b)
-    bar = tqdm(total=todo, unit="utt", desc="caching", disable=not config.progress, file=sys.stderr,
-               dynamic_ncols=True, smoothing=0.1)
+    shown = config.progress and (main or config.part is not None)
+    bar = tqdm(total=todo_all if state is not None else todo, unit="utt", desc="caching",
+               disable=not shown, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+    building_at_start, polled = committed_count(Path(config.out)), 0.0
     started = time.perf_counter()
     decoder = ThreadPoolExecutor(max_workers=max(1, config.workers))
     fe, min_samples = loaded.feature_extractor, loaded.receptive_field
@@ -231,6 +288,12 @@ def build_cache(config: BuildConfig) -> BuildSummary:
                     summary.audio_hours += info["seconds"] / 3600
                     bar.update(1)
                     bar.set_postfix(hours=f"{summary.audio_hours:.2f}", refresh=False)
+            if state is not None and shown and time.perf_counter() - polled > 1:
+                # one bar for all processes: their commits, counted from record names
+                polled = time.perf_counter()
+                others = committed_count(Path(config.out)) - building_at_start - summary.cached
+                bar.n = min(todo_all, summary.cached + len(summary.failed) + max(0, others))
+                bar.refresh()
         writer.flush()
         writer.wait()
     except OSError as err:
@@ -240,11 +303,31 @@ def build_cache(config: BuildConfig) -> BuildSummary:
         raise StoreError(f"{config.out}: cannot write: {err}") from None
     finally:
         decoder.shutdown(wait=False, cancel_futures=True)
+        if state is not None:
+            bar.n = todo_all
         bar.close()
-        _finalize(writer, manifest, summary, config)
+        if state is None and config.part is None:
+            _finalize(writer, manifest, summary, config)
+        elif state is None:
+            writer.close()
+    if state is not None:
+        from accelerate.utils import gather_object
+
+        state.wait_for_everyone()
+        shares = gather_object([(summary.cached, summary.audio_hours, summary.failed)])
+        summary.cached = sum(s[0] for s in shares)
+        summary.audio_hours = sum(s[1] for s in shares)
+        summary.failed = [f for s in shares for f in s[2]]
+        if main:
+            _finalize(writer, manifest, summary, config)
+        else:
+            writer.close()
+        state.wait_for_everyone()
     summary.seconds = time.perf_counter() - started
-    summary.total = len(writer.committed)
+    summary.total = len(load_index(Path(config.out)))
     summary.store_bytes = sum(f.stat().st_size for f in Path(config.out).rglob("*") if f.is_file())
+    summary.part = config.part
+    summary.main = main or config.part is not None
     return summary
 
 

@@ -79,6 +79,10 @@ def aligned(frames: int, chunk_frames: int) -> int:
     return -(-frames // chunk_frames) * chunk_frames
 
 
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
@@ -86,6 +90,7 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; teammates must read a shared store
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -114,16 +119,23 @@ def fingerprint_difference(old: dict, new: dict) -> str | None:
     return None
 
 
+# Shards per writer region: writer w of W (a process of a multi-process build, or a --part)
+# writes only shards [w * REGION, (w + 1) * REGION), so writers never share a shard file.
+# 2**20 shards of ~16 MiB: far more audio than any corpus; the array is sparse, files are not.
+REGION = 2**20
+
+
 class StoreWriter:
-    """Appends utterances to a local store; commits whole shards, one writer per store.
+    """Appends utterances to a local store; commits whole shards, one writer per shard.
 
     `add` buffers states into the current shard; a full shard is written in one piece (zarr
     rewrites whole shards anyway) by a background thread, then its index records are committed
     by an atomic rename into `_building/`. `finalize` merges the records into index.parquet and
     consolidates metadata. What is committed survives a kill; what was not is simply redone.
+    Several writers (processes or parts) may build one store at once, each in its own region.
     """
 
-    def __init__(self, path: str | Path, meta: dict):
+    def __init__(self, path: str | Path, meta: dict, *, writer: int = 0):
         import zarr
 
         _quiet_zarr()
@@ -134,19 +146,32 @@ class StoreWriter:
         self.shard_frames = meta["shard_frames"]
         self.hidden = meta["hidden_size"]
         self.path.mkdir(parents=True, exist_ok=True)
-        if read_meta(self.path) is None:
-            group = zarr.open_group(str(self.path), mode="w", attributes={"ser": meta})
-            group.create_array(
-                "states", shape=(0, self.hidden), dtype=STORAGE_DTYPES[self.dtype],
-                chunks=(self.chunk_frames, self.hidden), shards=(self.shard_frames, self.hidden),
-                compressors=[zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")],
-                fill_value=0, dimension_names=["frame", "hidden"])
+        # mode "a" never deletes: writers starting together may all get here first
+        group = zarr.open_group(str(self.path), mode="a")
+        if "ser" not in group.attrs:
+            group.attrs["ser"] = meta
+        if "states" not in group:
+            try:
+                group.create_array(
+                    "states", shape=(0, self.hidden), dtype=STORAGE_DTYPES[self.dtype],
+                    chunks=(self.chunk_frames, self.hidden), shards=(self.shard_frames, self.hidden),
+                    compressors=[zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")],
+                    fill_value=0, dimension_names=["frame", "hidden"])
+            except zarr.errors.ContainsArrayError:
+                pass
         (self.path / "_building").mkdir(exist_ok=True)
         self.group = zarr.open_group(str(self.path), mode="r+")
         self.states = self.group["states"]
         self.committed = load_index(self.path)
-        used = [(r["start"] + aligned(r["frames"], self.chunk_frames)) for r in self.committed.values()]
-        self.next_shard = -(-max(used, default=0) // self.shard_frames)
+        first, last = writer * REGION, (writer + 1) * REGION
+        mine = [r["start"] + aligned(r["frames"], self.chunk_frames) for r in self.committed.values()
+                if first <= r["start"] // self.shard_frames < last]
+        self.next_shard = max(first, -(-max(mine, default=0) // self.shard_frames))
+        self.region_end = last
+        capacity = last * self.shard_frames
+        if self.states.shape[0] < capacity:  # this handle's view only grows; finalize sets the truth
+            from zarr.core.sync import sync
+            sync(self.states.async_array.resize((capacity, self.hidden), delete_outside_chunks=False))
         self.buffer = None
         self.pending: list[dict] = []
         self.cursor = 0
@@ -191,12 +216,13 @@ class StoreWriter:
 
     def _write(self, first: int, buffer: np.ndarray, records: list[dict]) -> None:
         end = first + buffer.shape[0]
-        if self.states.shape[0] < end:
-            self.states.resize((end, self.hidden))
+        if end > self.region_end * self.shard_frames:
+            raise StoreError(f"{self.path}: writer region full ({REGION} shards)")
         self.states[first:end] = buffer
         table = pa.Table.from_pylist(records, schema=INDEX_SCHEMA)
-        write_atomic(self.path / "_building" / f"shard-{first // self.shard_frames:09d}.parquet",
-                     parquet_bytes(table))
+        # the record count in the name lets a progress bar count commits without reading them
+        name = f"shard-{first // self.shard_frames:012d}-n{len(records)}.parquet"
+        write_atomic(self.path / "_building" / name, parquet_bytes(table))
         for r in records:
             self.committed[r["id"]] = r
 
@@ -210,9 +236,14 @@ class StoreWriter:
         """Merge committed records into index.parquet, write metadata, consolidate."""
         import zarr
 
+        from zarr.core.sync import sync
+
         self.wait()
-        index = pa.Table.from_pylist(sorted(self.committed.values(), key=lambda r: r["start"]),
-                                     schema=INDEX_SCHEMA)
+        self.committed = load_index(self.path)  # other writers' commits too
+        rows = sorted(self.committed.values(), key=lambda r: r["start"])
+        used = max((r["start"] + r["frames"] for r in rows), default=0)
+        sync(self.states.async_array.resize((used, self.hidden), delete_outside_chunks=False))
+        index = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
         write_atomic(self.path / "index.parquet", parquet_bytes(index))
         if table is not None:
             write_atomic(self.path / "manifest.parquet", parquet_bytes(table))
@@ -222,6 +253,13 @@ class StoreWriter:
 
     def close(self) -> None:
         self.io.shutdown(wait=True)
+
+
+def committed_count(path: Path) -> int:
+    """Utterances committed by unfinalised writers, counted from record names (no reads)."""
+    folder = Path(path) / "_building"
+    names = [f.name for f in folder.glob("shard-*-n*.parquet")] if folder.is_dir() else []
+    return sum(int(name.rsplit("-n", 1)[1].split(".")[0]) for name in names)
 
 
 def load_index(path: Path) -> dict[str, dict]:

@@ -21,7 +21,7 @@ ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--mult
 
 
 def env(port: int):
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
             "HF_HUB_OFFLINE": "1"}
 
 
@@ -119,3 +119,65 @@ def test_resume_refuses_changed_options(built_store, tmp_path):
     args = train_args(built_store, tmp_path / "r", 8, epochs=1)
     result = run_cli(*args[:args.index("--out")], *args[args.index("--out") + 2:], "--resume", tmp_path / "r")
     assert result.exit_code == 1 and "the run used --batch-size 4, this command 8" in result.stderr
+
+
+def build_args(manifest, model, out, *extra):
+    return ["cache", "build", manifest, "--model", model, "--layers", 2, "--batch-size", 2,
+            "--shard-frames", 64, "--no-progress", "--out", out, *extra]
+
+
+def same_store(a, b):
+    from cachegen import open_cache
+
+    first, second = open_cache(a), open_cache(b)
+    assert sorted(first.ids) == sorted(second.ids)
+    for uid in first.ids:
+        assert first[uid].tobytes() == second[uid].tobytes(), uid
+    return len(first)
+
+
+@pytest.fixture(scope="module")
+def single_build(tiny_model, tmp_path_factory):
+    from cachegen.testing import synth_corpus
+
+    folder = tmp_path_factory.mktemp("scale")
+    manifest = synth_corpus(folder / "c", utterances=40, seconds=(0.5, 1.0), seed=9)
+    result = launch(build_args(manifest, tiny_model, folder / "one.zarr"), processes=1)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return str(manifest), str(folder / "one.zarr")
+
+
+def test_two_process_build_equals_one_process_build(single_build, tiny_model, tmp_path):
+    manifest, one = single_build
+    result = launch(build_args(manifest, tiny_model, tmp_path / "two.zarr"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("Cached 40 utterances") == 1  # one summary, from the main process
+    # byte-identical: launch() gives both runs one thread per process, as accelerate does
+    assert same_store(one, tmp_path / "two.zarr") == 40
+    assert launch(["cache", "verify", tmp_path / "two.zarr"], processes=1).returncode == 0
+
+
+def test_parts_then_final_step_equal_one_build_even_after_a_kill(single_build, tiny_model, tmp_path):
+    manifest, one = single_build
+    store = tmp_path / "parts.zarr"
+    first = launch(build_args(manifest, tiny_model, store, "--part", "1/2"), wait=False,
+                   processes=1)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((store / "_building").glob("shard-*.parquet"))) < 3:
+        time.sleep(0.01)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    from cachegen.errors import StoreError
+    from cachegen import open_cache
+    with pytest.raises(StoreError):
+        open_cache(store)  # a killed part never reads as a complete store
+    again = launch(build_args(manifest, tiny_model, store, "--part", "1/2"), processes=1)
+    assert again.returncode == 0 and "were already cached" in again.stdout
+    second = launch(build_args(manifest, tiny_model, store, "--part", "2/2"), processes=1)
+    assert second.returncode == 0 and "part 2/2 is committed" in second.stdout
+    twice = launch(build_args(manifest, tiny_model, store, "--part", "2/2"), processes=1)
+    assert "Cached 0 utterances" in twice.stdout  # a part run twice duplicates nothing
+    final = launch(build_args(manifest, tiny_model, store), processes=1)
+    assert final.returncode == 0 and "Cached 0 utterances" in final.stdout
+    assert "40 were already cached" in final.stdout
+    assert same_store(one, store) == 40
