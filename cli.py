@@ -194,7 +194,7 @@ def _floats(value: str | None, option: str) -> tuple[float, float] | None:
 @click.option("--lora-rank", default=8, show_default=True)
 @click.option("--lora-alpha", default=16, show_default=True)
 @click.option("--workers", default=2, show_default=True, help="Background reading threads.")
-@click.option("--cache-dir", default=None, help="Keep fetched remote chunks here.")
+@click.option("--cache-dir", default=None, help="Keep a local copy of remote store files here (later epochs and runs read it).")
 @click.option("--audio-root", default=None, type=click.Path(file_okay=False))
 @click.option("--no-progress", is_flag=True)
 def train_command(targets, label_range, no_progress, out, resume, **options):
@@ -227,7 +227,7 @@ def train_command(targets, label_range, no_progress, out, resume, **options):
 @click.option("--model", default=None, help="Base checkpoint, if moved since training.")
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--device", default=None)
-@click.option("--cache-dir", default=None)
+@click.option("--cache-dir", default=None, help="Keep a local copy of remote store files here.")
 @click.option("--audio-root", default=None, type=click.Path(file_okay=False))
 def evaluate_command(**options):
     """Metrics, predictions.csv and a scatter plot of RUN on one split."""

@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from cachegen import open_cache
 from cachegen.build import BuildConfig, build_cache
@@ -557,3 +558,41 @@ def test_bench_remote_reading(tmp_path_factory):
     copy = sorted(copies, key=lambda c: c.seconds)[len(copies) // 2]
     print(f"`ser cache copy` of it from HTTP 127.0.0.1 to a local folder, verification included: "
           f"{copy.seconds:.1f} s ({copy.bytes / 2**20 / copy.seconds:.0f} MiB/s)")
+
+
+def test_training_from_http_and_zip_equals_training_from_disk(store, www, server, tmp_path):
+    """Teammates train from a shared store over HTTP or from a zip: the same run as from disk."""
+    from safetensors.torch import load_file
+
+    from headtrain import EvaluateConfig, TrainConfig, evaluate, train
+
+    serve(store, www, "train.zarr")
+    zipped = tmp_path / "s.zip"
+    assert run_cli("cache", "pack", store, zipped).exit_code == 0
+    sources = {"disk": str(store), "http": f"{server.url}/train.zarr", "zip": str(zipped)}
+    runs = {}
+    for name, location in sources.items():
+        out = tmp_path / name
+        train(TrainConfig(out=str(out), from_cache=location, top_layers=2, epochs=1, batch_size=4,
+                          dropout=0.0, targets=("activation",), progress=False, workers=1,
+                          cache_dir=str(tmp_path / "cache") if name == "http" else None))
+        runs[name] = load_file(str(out / "model.safetensors"))
+        metrics = evaluate(EvaluateConfig(run=str(out), out=str(out / "test"), from_cache=location))
+        assert "activation" in metrics
+    for name in ("http", "zip"):
+        assert runs[name].keys() == runs["disk"].keys()
+        for key in runs["disk"]:
+            assert torch.equal(runs[name][key], runs["disk"][key]), (name, key)
+    before = set(files_of(store).items())
+    assert set(files_of(store).items()) == before  # nothing was written into the source
+
+
+def test_training_refuses_an_incompatible_format_version(store, www, server, tmp_path):
+    def future(array, root):
+        if "attributes" in root and "ser" in root["attributes"]:
+            root["attributes"]["ser"]["format_version"] = 99
+
+    location = plant(store, www, "future-train.zarr", future)
+    result = run_cli("train", "--from-cache", f"{server.url}/{location.name}", "--out", tmp_path / "r",
+                     "--top-layers", 2)
+    one_line_error(result, "format version 99")
