@@ -33,6 +33,15 @@ def tiny_config(*, stable_layer_norm: bool = False, layers: int = 4, hidden: int
     )
 
 
+def tiny_hubert_config(*, layers: int = 4, hidden: int = 32):
+    """A HuBERT config with the same geometry as `tiny_config`."""
+    from transformers import HubertConfig
+
+    fields = tiny_config(layers=layers, hidden=hidden).to_dict()
+    keep = set(HubertConfig().to_dict()) - {"model_type", "architectures", "transformers_version"}
+    return HubertConfig(**{k: v for k, v in fields.items() if k in keep})
+
+
 def base_config():
     """The wav2vec2-base architecture (random weights), for benchmarks."""
     from transformers import Wav2Vec2Config
@@ -41,15 +50,16 @@ def base_config():
 
 
 def save_model(out_dir: str | Path, config, *, seed: int = 0) -> Path:
-    """Save a randomly initialised Wav2Vec2Model and its feature-extractor config to `out_dir`."""
+    """Save a randomly initialised encoder (Wav2Vec2Model, HubertModel, ... per `config`) and its
+    feature-extractor config to `out_dir`."""
     import torch
     import transformers
-    from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+    from transformers import AutoModel, Wav2Vec2FeatureExtractor
 
     transformers.logging.disable_progress_bar()
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    model = Wav2Vec2Model(config)
+    model = AutoModel.from_config(config)
     model.save_pretrained(out_dir)
     Wav2Vec2FeatureExtractor(
         feature_size=1,

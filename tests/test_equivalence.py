@@ -82,3 +82,35 @@ def test_low_precision_stores_differ_only_by_rounding(dtype, tolerance, tiny_mod
         rounded = torch.from_numpy(reference).to(torch_dtype).float().numpy()
         assert np.abs(got.astype(np.float32) - rounded).max() <= tolerance * np.abs(reference).max()
         assert max_relative_error(got.astype(np.float32), reference) < tolerance
+
+
+def test_hubert_store_equals_transformers(corpus, tmp_path):
+    from transformers import HubertModel
+
+    from cachegen.testing import save_model, tiny_hubert_config
+
+    model_dir = save_model(tmp_path / "hubert", tiny_hubert_config())
+    model = HubertModel.from_pretrained(model_dir).eval()
+    fe = Wav2Vec2FeatureExtractor.from_pretrained(model_dir)
+    build_cache(BuildConfig(manifest=corpus, out=str(tmp_path / "h.zarr"), model=str(model_dir), layers=3,
+                            dtype="float32", batch_size=4, progress=False))
+    reader = open_cache(tmp_path / "h.zarr")
+    assert reader.meta["model_type"] == "hubert"
+    for u in load_manifest(corpus).utterances[:8]:
+        samples, _, _ = load_audio(u.path)
+        with torch.no_grad():
+            values = fe(samples, sampling_rate=16000, return_tensors="pt").input_values
+            expected = model(values, output_hidden_states=True).hidden_states[3][0].numpy()
+        assert max_relative_error(reader[u.id], expected) < 1e-4
+
+
+def test_unsupported_model_type_is_refused_in_one_line(corpus, tmp_path):
+    from transformers import WavLMConfig
+
+    from cachegen.testing import save_model
+    from conftest import run_cli
+
+    model_dir = save_model(tmp_path / "wavlm", WavLMConfig(hidden_size=32, num_hidden_layers=2,
+                                                           num_attention_heads=2, intermediate_size=64))
+    result = run_cli("cache", "build", corpus, "--model", model_dir, "--layers", 1, "--out", tmp_path / "s")
+    assert result.exit_code == 1 and "of type 'wavlm'; supported: wav2vec2, hubert" in result.stderr
