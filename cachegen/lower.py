@@ -13,6 +13,15 @@ import numpy as np
 import torch
 
 
+def receptive_field(config) -> int:
+    """Samples the convolutional encoder needs for one output frame (400 for base models)."""
+    field, jump = 1, 1
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+        field += (kernel - 1) * jump
+        jump *= stride
+    return field
+
+
 def frame_counts(model, sample_counts: list[int]) -> list[int]:
     lengths = model._get_feat_extract_output_lengths(torch.tensor(sample_counts))
     return [int(n) for n in lengths]

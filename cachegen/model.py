@@ -44,11 +44,8 @@ class LoadedModel:
     @property
     def receptive_field(self) -> int:
         """Samples needed for one output frame."""
-        field, jump = 1, 1
-        for kernel, stride in zip(self.model.config.conv_kernel, self.model.config.conv_stride):
-            field += (kernel - 1) * jump
-            jump *= stride
-        return field
+        from .lower import receptive_field
+        return receptive_field(self.model.config)
 
     def preprocessing(self) -> dict:
         fe = self.feature_extractor

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, StoreCorrupt, StoreError
+from .store import write_atomic
 from .reader import (ROOT, URL, CacheReader, FolderSource, FsspecSource, Source, ZipSource,
                      open_cache, read_key)
 
@@ -78,22 +78,10 @@ class Target:
 
 
 def write_file(path: Path, data: bytes) -> None:
-    """Write via a temporary file and a rename, so a file that exists is complete; the mode
-    follows the umask (a shared store must be readable by the team, not just its writer)."""
+    """Write via a temporary file and a rename, so a file that exists is complete (and
+    readable by the team, not just its writer)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data)
 
 
 class FolderTarget(Target):

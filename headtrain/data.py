@@ -78,16 +78,12 @@ class AudioSource:
     def __init__(self, paths: dict[str, str], model, feature_extractor):
         import soundfile as sf
 
-        from cachegen.lower import audio_frames
+        from cachegen.lower import audio_frames, receptive_field
 
         self.paths = paths
         self.feature_extractor = feature_extractor
         self.stride = int(np.prod(model.config.conv_stride))
-        self.receptive_field = 1
-        jump = 1
-        for kernel, stride in zip(model.config.conv_kernel, model.config.conv_stride):
-            self.receptive_field += (kernel - 1) * jump
-            jump *= stride
+        self.receptive_field = receptive_field(model.config)
         self._lengths = {}
         for uid, path in paths.items():
             info = sf.info(path)
