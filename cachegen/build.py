@@ -37,10 +37,16 @@ class BuildConfig:
     workers: int = 2  # background decoding threads
     overwrite: bool = False
     audio_root: str | None = None
-    chunk_frames: int = 64
+    chunk_frames: int | None = None  # default: 256 (measured in docs/benchmarks.md), at most a shard
     shard_frames: int | None = None  # default: ~16 MiB shard files
     part: tuple[int, int] | None = None  # (I, N), 1-based: one of N independent jobs
     progress: bool = True
+
+    @property
+    def resolved_chunk_frames(self) -> int:
+        if self.chunk_frames:
+            return self.chunk_frames
+        return min(256, self.shard_frames) if self.shard_frames else 256
 
     def validate(self) -> None:
         if self.part and not 1 <= self.part[0] <= self.part[1]:
@@ -53,10 +59,10 @@ class BuildConfig:
             raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
         if self.workers < 0:
             raise ConfigError(f"--workers {self.workers}: must be 0 or more")
-        if self.chunk_frames < 1 or (self.shard_frames is not None and (
-                self.shard_frames < self.chunk_frames or self.shard_frames % self.chunk_frames)):
+        if self.resolved_chunk_frames < 1 or (self.shard_frames is not None and (
+                self.shard_frames % self.resolved_chunk_frames)):
             raise ConfigError(f"--shard-frames {self.shard_frames}: must be a multiple of "
-                              f"chunk frames ({self.chunk_frames})")
+                              f"chunk frames ({self.resolved_chunk_frames})")
         if self.device and self.device.startswith("cuda"):
             import torch
             if not torch.cuda.is_available():
@@ -106,12 +112,13 @@ def store_meta(config: BuildConfig, loaded: LoadedModel, shard_frames: int) -> d
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "model_id": loaded.model_id, "model_sha256": loaded.weights_sha256,
+        "model_config_sha256": loaded.config_sha256,
         "model_type": cfg.model_type, "model_config": cfg.to_diff_dict(),
         "layers": config.layers, "num_hidden_layers": cfg.num_hidden_layers,
         "hidden_size": cfg.hidden_size, "do_stable_layer_norm": bool(cfg.do_stable_layer_norm),
         "frame_rate": loaded.frame_rate, "sample_rate": SAMPLE_RATE,
         "preprocessing": loaded.preprocessing(), "dtype": config.dtype,
-        "chunk_frames": config.chunk_frames, "shard_frames": shard_frames,
+        "chunk_frames": config.resolved_chunk_frames, "shard_frames": shard_frames,
         "versions": {"ser": _version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "zarr": zarr.__version__,
                      "numcodecs": numcodecs.__version__, "python": sys.version.split()[0]},
@@ -228,11 +235,14 @@ def build_cache(config: BuildConfig) -> BuildSummary:
         raise ConfigError(f"--layers {config.layers}: model '{config.model}' has only "
                           f"{loaded.num_layers} transformer layers")
     shard_frames = config.shard_frames or default_shard_frames(loaded.hidden_size, config.dtype,
-                                                               config.chunk_frames)
+                                                               config.resolved_chunk_frames)
     meta = store_meta(config, loaded, shard_frames)
     prepare_store(config, meta)
     existing = read_meta(config.out) if Path(config.out).exists() else None
     if existing:  # resuming: keep the layout and the creation date
+        if config.shard_frames and config.shard_frames != existing["shard_frames"]:
+            log.warning("%s: keeping the store's %d frames per shard (--shard-frames %d applies "
+                        "to new stores)", config.out, existing["shard_frames"], config.shard_frames)
         meta.update(shard_frames=existing["shard_frames"], chunk_frames=existing["chunk_frames"],
                     created=existing.get("created"))
     else:

@@ -47,10 +47,35 @@ class LoadedModel:
         from .lower import receptive_field
         return receptive_field(self.model.config)
 
+    @property
+    def config_sha256(self) -> str:
+        """sha256 of the config fields that change what the encoder computes (activation,
+        norms, epsilons, geometry); ids, versions and training-only switches left out."""
+        return config_sha256(self.model.config)
+
     def preprocessing(self) -> dict:
         fe = self.feature_extractor
         return {"sampling_rate": int(fe.sampling_rate), "do_normalize": bool(fe.do_normalize),
                 "mono": True, "resampler": "soxr HQ", "feature_extractor": type(fe).__name__}
+
+
+# Config fields that do not change what the encoder computes in eval mode.
+CONFIG_IGNORED = {"_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype",
+                  "mask_time_prob", "mask_feature_prob", "mask_time_length", "mask_feature_length",
+                  "mask_time_min_masks", "mask_feature_min_masks", "layerdrop", "hidden_dropout",
+                  "attention_dropout", "activation_dropout", "feat_proj_dropout", "final_dropout",
+                  "feat_quantizer_dropout", "apply_spec_augment", "_attn_implementation",
+                  "_attn_implementation_autoset", "vocab_size", "ctc_loss_reduction", "ctc_zero_infinity",
+                  "use_weighted_layer_sum", "classifier_proj_size", "id2label", "label2id",
+                  "num_labels", "problem_type", "output_hidden_states", "output_attentions",
+                  "return_dict", "use_cache"}
+
+
+def config_sha256(config) -> str:
+    import json
+
+    fields = {k: v for k, v in config.to_dict().items() if k not in CONFIG_IGNORED}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def weights_sha256(model) -> str:

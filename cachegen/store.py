@@ -33,8 +33,9 @@ STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint1
 # Codecs a store may use; anything else is refused before a byte is decoded.
 ALLOWED_CODECS = {"sharding_indexed", "bytes", "blosc", "zstd", "gzip", "crc32c", "transpose"}
 # Fields that decide whether an existing store can be resumed or trained from.
-FINGERPRINT = ("format_version", "model_sha256", "model_type", "layers", "num_hidden_layers",
-               "hidden_size", "do_stable_layer_norm", "dtype", "preprocessing", "sample_rate")
+FINGERPRINT = ("format_version", "model_sha256", "model_config_sha256", "model_type", "layers",
+               "num_hidden_layers", "hidden_size", "do_stable_layer_norm", "dtype", "preprocessing",
+               "sample_rate")
 INDEX_SCHEMA = pa.schema([
     ("id", pa.string()), ("start", pa.int64()), ("frames", pa.int64()), ("seconds", pa.float64()),
     ("source_rate", pa.int64()), ("audio_sha256", pa.string()), ("crc32", pa.int64()),
@@ -243,12 +244,14 @@ class StoreWriter:
         rows = sorted(self.committed.values(), key=lambda r: r["start"])
         used = max((r["start"] + r["frames"] for r in rows), default=0)
         sync(self.states.async_array.resize((used, self.hidden), delete_outside_chunks=False))
+        self.group.attrs["ser"] = {**self.meta, **extra_meta}
+        # the shape first, the index after: a kill in between leaves an old index inside a
+        # larger array (still valid), never a new index beyond an old shape
+        zarr.consolidate_metadata(str(self.path))
         index = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
         write_atomic(self.path / "index.parquet", parquet_bytes(index))
         if table is not None:
             write_atomic(self.path / "manifest.parquet", parquet_bytes(table))
-        self.group.attrs["ser"] = {**self.meta, **extra_meta}
-        zarr.consolidate_metadata(str(self.path))
         shutil.rmtree(self.path / "_building", ignore_errors=True)
 
     def close(self) -> None:

@@ -167,6 +167,11 @@ def check_store_matches(location: str, meta: dict, loaded) -> None:
             f"{location} was built from weights sha256 {meta['model_sha256'][:12]}… but model "
             f"'{loaded.model_id}' has {loaded.weights_sha256[:12]}…; pass --model with the checkpoint "
             "the store was built from")
+    if meta.get("model_config_sha256", loaded.config_sha256) != loaded.config_sha256:
+        raise StoreMismatch(
+            f"{location} was built with another model config (activation, norms or geometry) than "
+            f"'{loaded.model_id}' has, though the weights match; pass --model with the checkpoint "
+            "folder the store was built from")
     for field_name, value in (("hidden_size", loaded.hidden_size), ("num_hidden_layers", loaded.num_layers),
                               ("do_stable_layer_norm", bool(loaded.config.do_stable_layer_norm))):
         if meta[field_name] != value:

@@ -260,3 +260,21 @@ def _fails(reader, uid):
         return False
     except StoreCorrupt:
         return True
+
+
+def test_same_weights_with_another_config_are_refused(built_store, tiny_model, corpus, tmp_path):
+    import json as json_module
+
+    changed = tmp_path / "model"
+    shutil.copytree(tiny_model, changed)
+    config = json_module.loads((changed / "config.json").read_text())
+    config.update(hidden_act="relu", layer_norm_eps=0.1)  # same weights, other computation
+    (changed / "config.json").write_text(json_module.dumps(config))
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(built_store, copy)
+    result = run_cli("cache", "build", corpus, "--model", changed, "--layers", 2, "--dtype", "float32",
+                     "--out", copy, "--no-progress")
+    assert result.exit_code == 1 and "model_config_sha256: store has" in result.stderr
+    result = run_cli("train", "--from-cache", copy, "--model", changed, "--top-layers", 2,
+                     "--out", tmp_path / "run")
+    assert result.exit_code == 1 and "another model config" in result.stderr

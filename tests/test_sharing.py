@@ -24,7 +24,7 @@ def store(tmp_path_factory, tiny_model, corpus):
     by several utterances of 1-2 chunks."""
     out = tmp_path_factory.mktemp("sharing") / "s.zarr"
     summary = build_cache(BuildConfig(manifest=corpus, out=str(out), model=tiny_model, layers=2,
-                                      shard_frames=256, batch_size=8, progress=False))
+                                      shard_frames=256, chunk_frames=64, batch_size=8, progress=False))
     assert not summary.failed
     assert len(list((out / "states" / "c").rglob("*"))) >= 8
     return out
