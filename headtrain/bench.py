@@ -10,7 +10,6 @@ data (store-fed against the same compute fed from tensors in memory).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -104,18 +103,86 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def bench(config: BenchConfig) -> dict:
-    """Run the comparison; returns (and writes to `config.json_out`) the results."""
+def measure(job: dict) -> dict:
+    """One strategy's timed steps, in a process of its own (spawned), so that its peak memory
+    and its allocator start from the same state as every other strategy's."""
     from accelerate import Accelerator
 
     from cachegen import open_cache
+    from cachegen.model import load_model
+
+    from .data import AudioSource, CacheSource, iterate_batches
+    from .metrics import ccc_loss
+    from .upper import EmotionModel, count_parameters
+
+    config = BenchConfig(**job["config"])
+    device = torch.device(job["device"])
+    accelerator = Accelerator(mixed_precision=config.amp, cpu=device.type == "cpu")
+    loaded = load_model(config.model)
+    if job["from_audio"]:
+        source = AudioSource(job["paths"], loaded.model, loaded.feature_extractor)
+        cache_layer = 0
+    else:
+        reader = open_cache(job["store"])
+        source, cache_layer = CacheSource(reader), reader.meta["layers"]
+    ids, plan = job["ids"], job["plan"]
+    # data-wait check: the same compute fed from tensors read before the clock starts
+    feed = list(iterate_batches(source, ids, None, plan)) if job["in_memory"] else None
+    torch.manual_seed(config.seed)
+    model = EmotionModel(loaded.model, strategy=job["strategy"], cache_layer=cache_layer,
+                         top_layers=config.top_layers, targets=3, dropout=0.1, from_audio=job["from_audio"])
+    trainable, _ = count_parameters(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    if feed is None:
+        feed = iterate_batches(source, ids, None, plan, seed=config.seed)
+    times, utterances, timed_from = [], 0, None
+    with PeakMemory(device) as memory:
+        for step, batch in enumerate(feed):
+            if step == config.warmup_steps:
+                timed_from = time.perf_counter()  # from here on, waiting for data counts too
+            started = time.perf_counter()
+            inputs = ([w.to(device) for w in batch.inputs] if isinstance(batch.inputs, list)
+                      else batch.inputs.to(device, non_blocking=True))
+            mask = None if batch.mask is None else batch.mask.to(device)
+            with accelerator.autocast():
+                pred = model(inputs, mask)  # (B, 3)
+            loss = ccc_loss(pred, torch.zeros_like(pred) + torch.arange(3, device=device))
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if step >= config.warmup_steps:
+                times.append(time.perf_counter() - started)
+                utterances += len(batch.ids)
+    seconds = sum(times)
+    return {"strategy": job["strategy"], "amp": config.amp, "input": "audio" if job["from_audio"] else "store",
+            "utterances_per_second": utterances / seconds, "seconds_per_step": seconds / len(times),
+            "peak_memory_bytes": max(memory.bytes, 0), "trainable_parameters": trainable,
+            "loop_seconds": time.perf_counter() - timed_from}
+
+
+def in_own_process(job: dict) -> dict:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measure, job).result()
+
+
+def bench(config: BenchConfig) -> dict:
+    """Run the comparison; returns (and writes to `config.json_out`) the results."""
+    import soundfile as sf
+
+    from cachegen import open_cache
     from cachegen.build import BuildConfig, build_cache
+    from cachegen.lower import audio_frames
     from cachegen.manifest import load_manifest
     from cachegen.model import load_model
 
-    from .data import AudioSource, CacheSource, iterate_batches, plan_batches
-    from .metrics import ccc_loss
-    from .upper import EmotionModel, count_parameters
+    from .data import plan_batches
 
     config.validate()
     manifest = load_manifest(config.manifest)
@@ -124,92 +191,52 @@ def bench(config: BenchConfig) -> dict:
         raise ConfigError(f"--top-layers {config.top_layers} is larger than the "
                           f"{loaded.num_layers - config.layers} layers above layer {config.layers}")
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    accelerator = Accelerator(mixed_precision=config.amp, cpu=device.type == "cpu")
     tmp = tempfile.TemporaryDirectory(prefix="ser-bench-")
     build_seconds = None
     store = config.store
-    if "cached" in config.strategies or ("lora" in config.strategies and store is None):
-        if store is None:
-            store = os.path.join(tmp.name, "bench.zarr")
-            started = time.perf_counter()
-            build_cache(BuildConfig(manifest=config.manifest, out=store, model=config.model,
-                                    layers=config.layers, batch_size=config.batch_size,
-                                    device=str(device), progress=False))
-            build_seconds = time.perf_counter() - started
+    if store is None and any(s in ("cached", "lora") for s in config.strategies):
+        store = os.path.join(tmp.name, "bench.zarr")
+        started = time.perf_counter()
+        build_cache(BuildConfig(manifest=config.manifest, out=store, model=config.model,
+                                layers=config.layers, batch_size=config.batch_size,
+                                device=str(device), progress=False))
+        build_seconds = time.perf_counter() - started
     reader = open_cache(store) if store else None
-    paths = {u.id: u.path for u in manifest.utterances}
-    audio = AudioSource(paths, loaded.model, loaded.feature_extractor)
-    ids = [u.id for u in manifest.utterances if reader is None or u.id in reader]
+    paths = {u.id: u.path for u in manifest.utterances if reader is None or u.id in reader}
+    ids = list(paths)
+    lengths = [audio_frames(loaded.model, sf.info(paths[u]).frames, sf.info(paths[u]).samplerate) for u in ids]
     total_steps = config.warmup_steps + config.steps
-    plan = []
-    epoch = 0
+    plan, epoch = [], 0
     while len(plan) < total_steps:  # identical batches for every strategy
-        plan += plan_batches([audio.length(u) for u in ids], batch_size=config.batch_size,
-                             seed=config.seed, epoch=epoch)
+        plan += plan_batches(lengths, batch_size=config.batch_size, seed=config.seed, epoch=epoch)
         epoch += 1
     plan = plan[:total_steps]
     total_parameters = sum(p.numel() for p in loaded.model.parameters())
+    del loaded
 
-    def run(strategy: str, source, *, from_audio: bool, batches=None) -> dict:
-        torch.manual_seed(config.seed)
-        model = EmotionModel(copy.deepcopy(loaded.model), strategy=strategy,
-                             cache_layer=0 if from_audio else reader.meta["layers"],
-                             top_layers=config.top_layers, targets=3, dropout=0.1, from_audio=from_audio)
-        trainable, _ = count_parameters(model)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        model.train()
-        feed = batches if batches is not None else iterate_batches(source, ids, None, plan, seed=config.seed)
-        times, utterances = [], 0
-        with PeakMemory(device) as memory:
-            for step, batch in enumerate(feed):
-                started = time.perf_counter()
-                inputs = ([w.to(device) for w in batch.inputs] if isinstance(batch.inputs, list)
-                          else batch.inputs.to(device, non_blocking=True))
-                mask = None if batch.mask is None else batch.mask.to(device)
-                with accelerator.autocast():
-                    pred = model(inputs, mask)
-                loss = ccc_loss(pred, torch.zeros_like(pred) + torch.arange(3, device=device))
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if step >= config.warmup_steps:
-                    times.append(time.perf_counter() - started)
-                    utterances += len(batch.ids)
-                if step + 1 == config.warmup_steps or (step == 0 and config.warmup_steps == 0):
-                    timed_from = time.perf_counter() if config.warmup_steps else started
-        loop_seconds = time.perf_counter() - timed_from  # waiting for data included
-        del model, optimizer
-        seconds = sum(times)
-        return {"loop_seconds": loop_seconds, "strategy": strategy, "amp": config.amp, "input": "audio" if from_audio else "store",
-                "utterances_per_second": utterances / seconds, "seconds_per_step": seconds / len(times),
-                "peak_memory_bytes": max(memory.bytes, 0), "trainable_parameters": trainable,
-                "trainable_share": trainable / total_parameters}
+    def job(strategy: str, *, in_memory: bool = False) -> dict:
+        from_audio = strategy in ("full", "partial") or (strategy == "lora" and reader is None)
+        return {"config": asdict(config), "strategy": strategy, "from_audio": from_audio,
+                "store": store, "paths": paths, "ids": ids, "plan": plan, "device": str(device),
+                "in_memory": in_memory}
 
     results = []
     for strategy in config.strategies:
-        from_audio = strategy in ("full", "partial") or (strategy == "lora" and reader is None)
-        source = audio if from_audio else CacheSource(reader)
-        log.info("bench: %s from %s, %d steps after %d warm-up", strategy,
-                 "audio" if from_audio else "store", config.steps, config.warmup_steps)
-        results.append(run(strategy, source, from_audio=from_audio))
+        log.info("bench: %s, %d steps after %d warm-up", strategy, config.steps, config.warmup_steps)
+        result = in_own_process(job(strategy))
+        result["trainable_share"] = result["trainable_parameters"] / total_parameters
+        results.append(result)
     by_strategy = {r["strategy"]: r for r in results}
     full = by_strategy.get("full")
     for r in results:
         if full:
             r["speedup_vs_full"] = r["utterances_per_second"] / full["utterances_per_second"]
     cached = by_strategy.get("cached")
-    data_wait = None
     if cached:
-        source = CacheSource(reader)
-        in_memory = list(iterate_batches(source, ids, None, plan))  # read before the clock starts
-        fed_store = run("cached", source, from_audio=False)["loop_seconds"]
-        fed_memory = run("cached", source, from_audio=False, batches=in_memory)["loop_seconds"]
-        data_wait = {"store_fed_seconds": fed_store, "memory_fed_seconds": fed_memory,
-                     "ratio": fed_memory / fed_store}
-        cached["data_wait"] = data_wait
+        log.info("bench: cached again, fed from memory (data-wait check)")
+        fed_memory = in_own_process(job("cached", in_memory=True))["loop_seconds"]
+        cached["data_wait"] = {"store_fed_seconds": cached["loop_seconds"], "memory_fed_seconds": fed_memory,
+                               "ratio": fed_memory / cached["loop_seconds"]}
         if build_seconds is not None:
             cached["build_seconds"] = build_seconds
             audio_strategy = by_strategy.get("partial") or full

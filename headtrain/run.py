@@ -117,7 +117,11 @@ def load_run(run_dir: str | Path, *, from_audio: bool, cache_layer: int | None =
                            top_layers=info["top_layers"], targets=len(info["targets"]), dropout=0.0,
                            from_audio=from_audio, lora_rank=info.get("lora_rank", 8),
                            lora_alpha=info.get("lora_alpha", 16))
-    tensors = load_file(str(weights))
+    try:
+        tensors = load_file(str(weights))
+    except Exception as err:  # a pickle or anything else in its place is never unpickled
+        raise UnsafeInput(f"{weights}: not a safetensors file ({str(err).splitlines()[0]}); "
+                          "ser loads checkpoints only as safetensors + JSON") from None
     if exported:
         emotion.head.load_state_dict(tensors)
     else:

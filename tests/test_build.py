@@ -278,3 +278,45 @@ def test_same_weights_with_another_config_are_refused(built_store, tiny_model, c
     result = run_cli("train", "--from-cache", copy, "--model", changed, "--top-layers", 2,
                      "--out", tmp_path / "run")
     assert result.exit_code == 1 and "another model config" in result.stderr
+
+
+def test_other_preprocessing_is_refused(built_store, tiny_model, corpus, tmp_path):
+    import json as json_module
+
+    changed = tmp_path / "model"
+    shutil.copytree(tiny_model, changed)
+    preprocessor = json_module.loads((changed / "preprocessor_config.json").read_text())
+    preprocessor["do_normalize"] = False
+    (changed / "preprocessor_config.json").write_text(json_module.dumps(preprocessor))
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(built_store, copy)
+    result = run_cli("cache", "build", corpus, "--model", changed, "--layers", 2, "--dtype", "float32",
+                     "--out", copy, "--no-progress")
+    assert result.exit_code == 1 and "preprocessing: store has" in result.stderr
+
+
+def test_disk_full_while_writing_a_shard(tiny_model, tmp_path, monkeypatch):
+    import zarr
+
+    manifest = synth_corpus(tmp_path / "c", utterances=10, seconds=(0.5, 0.9))
+    out = tmp_path / "s.zarr"
+    config = BuildConfig(manifest=str(manifest), out=str(out), model=tiny_model, layers=1,
+                         batch_size=1, shard_frames=64, progress=False)
+    real_set, shards = zarr.storage.LocalStore.set, {"n": 0}
+
+    async def filling_disk(self, key, value):
+        if "/c/" in key:
+            shards["n"] += 1
+            if shards["n"] > 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return await real_set(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", filling_disk)
+    with pytest.raises(StoreError, match="disk full"):
+        build_cache(config)
+    reader = open_cache(out)
+    assert len(reader) == 3 and all(reader[uid].shape[0] > 0 for uid in reader.ids)
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", real_set)
+    summary = build_cache(config)
+    assert summary.already == 3 and summary.cached == 7
+    assert run_cli("cache", "verify", out).exit_code == 0

@@ -240,3 +240,39 @@ def test_train_cli_end_to_end(built_store, tmp_path):
     result = run_cli("evaluate", tmp_path / "r", "--from-cache", built_store, "--out", tmp_path / "e")
     assert result.exit_code == 0 and "activation: CCC" in result.output
     assert {r["split"] for r in read_csv(tmp_path / "e" / "predictions.csv")} == {"test"}
+
+
+def test_pickled_checkpoint_is_never_unpickled(cached_run, corpus, tmp_path):
+    import pickle
+    import shutil
+
+    planted = tmp_path / "run"
+    shutil.copytree(cached_run[0], planted)
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (planted / "model.safetensors").write_bytes(pickle.dumps(Payload()))
+    result = run_cli("predict", planted, "--out", tmp_path / "p.csv",
+                     corpus.replace("manifest.csv", "wav/utt0001.wav"))
+    assert result.exit_code == 1 and "not a safetensors file" in result.stderr
+    assert not marker.exists()
+
+
+def test_training_from_a_damaged_store_stops_naming_the_utterance(built_store, tmp_path):
+    import shutil
+
+    copy = tmp_path / "damaged.zarr"
+    shutil.copytree(built_store, copy)
+    for shard in (copy / "states" / "c").rglob("*"):
+        if shard.is_file():
+            data = bytearray(shard.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            shard.write_bytes(bytes(data))
+    result = run_cli("train", "--from-cache", copy, "--top-layers", 2, "--out", tmp_path / "r", "--epochs", 1,
+                     "--no-progress")
+    assert result.exit_code == 1
+    assert "fails its checksum" in result.stderr or "cannot be read" in result.stderr
+    assert "Traceback" not in result.stderr
