@@ -247,9 +247,11 @@ def build_cache(config: BuildConfig) -> BuildSummary:
                     created=existing.get("created"))
     else:
         meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    if state is not None:
-        state.wait_for_everyone()  # the store exists before any other process opens it
+    if state is not None and not main:
+        state.wait_for_everyone()  # the main process creates the store first
     writer = StoreWriter(config.out, meta, writer=rank)
+    if state is not None and main:
+        state.wait_for_everyone()
     summary = BuildSummary(store=str(config.out), already=sum(
         u.id in writer.committed for u in manifest.utterances))
     with ThreadPoolExecutor(max_workers=16) as pool:

@@ -147,8 +147,12 @@ class StoreWriter:
         self.shard_frames = meta["shard_frames"]
         self.hidden = meta["hidden_size"]
         self.path.mkdir(parents=True, exist_ok=True)
-        # mode "a" never deletes: writers starting together may all get here first
-        group = zarr.open_group(str(self.path), mode="a")
+        # mode "a" never deletes: writers starting together may all get here first, and the
+        # one that loses the race to create the group finds it created
+        try:
+            group = zarr.open_group(str(self.path), mode="a")
+        except zarr.errors.ContainsGroupError:
+            group = zarr.open_group(str(self.path), mode="r+")
         if "ser" not in group.attrs:
             group.attrs["ser"] = meta
         if "states" not in group:

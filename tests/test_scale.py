@@ -67,6 +67,17 @@ def test_two_processes_train_like_one_with_the_doubled_batch(built_store, tmp_pa
     assert two.stdout.count("best epoch") == 1  # only the main process reports
 
 
+def test_two_processes_on_audio_train_like_one(tiny_model, corpus, tmp_path):
+    common = ["train", "--manifest", corpus, "--model", tiny_model, "--strategy", "partial", "--top-layers", 2,
+              "--epochs", 1, "--dropout", 0, "--seed", 2, "--no-progress", "--workers", 1]
+    two = launch([*common, "--batch-size", 3, "--out", tmp_path / "two"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = launch([*common, "--batch-size", 6, "--out", tmp_path / "one"], processes=1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert max_difference(load_file(str(tmp_path / "one" / "model.safetensors")),
+                          load_file(str(tmp_path / "two" / "model.safetensors"))) < 1e-5
+
+
 def kill_after_first_checkpoint(process, run_dir: Path, epochs: int):
     state = run_dir / "checkpoint" / "state.json"
     deadline = time.time() + 240
