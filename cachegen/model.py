@@ -100,6 +100,8 @@ def load_model(model_id: str = DEFAULT_MODEL) -> LoadedModel:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    if Path(model_id).is_dir():  # runs and stores then find it from any working folder
+        model_id = str(Path(model_id).resolve())
     try:
         config = AutoConfig.from_pretrained(model_id)
     except (OSError, ValueError) as err:

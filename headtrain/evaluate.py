@@ -87,7 +87,8 @@ def evaluate(config: EvaluateConfig) -> dict:
 
     Returns the metrics: {target: {"ccc", "pearson", "mse"}}.
     """
-    from .labels import load_splits, read_labels
+    from .data import CacheSource
+    from .labels import drop_failed, load_splits, read_labels
     from .metrics import target_metrics
     from .plots import plot_scatter
     from .run import write_json
@@ -98,6 +99,8 @@ def evaluate(config: EvaluateConfig) -> dict:
         cache_dir=config.cache_dir, audio_root=config.audio_root)
     if config.labels:
         table, table_name = read_labels(config.labels), config.labels
+    if isinstance(source, CacheSource):
+        table = drop_failed(table, source.reader.meta)
     split = load_splits(table, source=table_name, targets=run.targets, splits=[config.split],
                         available=available)[config.split]
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")

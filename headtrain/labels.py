@@ -97,3 +97,21 @@ def load_splits(table: pa.Table, *, source: str, targets: list[str], splits: lis
                         targets=np.array([[r[t] for t in targets] for r in used if r["split"] == name],
                                          dtype=np.float64).reshape(-1, len(targets)))
             for name in splits}
+
+
+def drop_failed(table: pa.Table, meta: dict) -> pa.Table:
+    """Leave out the utterances the cache build could not use (recorded in the store), with a
+    warning naming them: they have no states, and the build already reported why."""
+    import logging
+
+    import pyarrow.compute as pc
+
+    failed = sorted({f["id"] for f in meta.get("failures", [])})
+    if not failed or "id" not in table.column_names:
+        return table
+    present = pc.is_in(table.column("id"), value_set=pa.array(failed))
+    if not pc.any(present).as_py():
+        return table
+    logging.getLogger(__name__).warning(
+        "leaving out %d utterance(s) the cache build could not use: %s", len(failed), _listed(failed))
+    return table.filter(pc.invert(present))

@@ -12,7 +12,7 @@ import torch
 
 from cachegen.errors import ConfigError, StoreMismatch
 
-from .labels import Split, load_splits, read_labels
+from .labels import Split, drop_failed, load_splits, read_labels
 from .upper import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,8 @@ def open_sources(config: TrainConfig):
         source, cache_layer, meta = AudioSource(paths, loaded.model, loaded.feature_extractor), 0, None
     if config.labels:
         table, table_name = read_labels(config.labels), config.labels
+    if meta is not None:
+        table = drop_failed(table, meta)
     return source, table, table_name, loaded, cache_layer, meta
 
 

@@ -320,3 +320,16 @@ def test_disk_full_while_writing_a_shard(tiny_model, tmp_path, monkeypatch):
     summary = build_cache(config)
     assert summary.already == 3 and summary.cached == 7
     assert run_cli("cache", "verify", out).exit_code == 0
+
+
+def test_utterances_longer_than_a_shard(tiny_model, tmp_path):
+    """An utterance longer than a shard gets whole shards of its own and reads back intact."""
+    manifest = synth_corpus(tmp_path / "c", utterances=6, seconds=(2.0, 4.0))  # 100-200 frames
+    small, large = tmp_path / "small.zarr", tmp_path / "large.zarr"
+    for out, shard in ((small, 64), (large, 1024)):
+        build_cache(BuildConfig(manifest=str(manifest), out=str(out), model=tiny_model, layers=1,
+                                batch_size=2, shard_frames=shard, progress=False))
+    assert states_by_id(small).keys() == states_by_id(large).keys()
+    for uid, states in states_by_id(small).items():
+        assert states.shape[0] > 64 and states.tobytes() == states_by_id(large)[uid].tobytes()
+    assert run_cli("cache", "verify", small).exit_code == 0

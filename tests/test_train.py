@@ -276,3 +276,26 @@ def test_training_from_a_damaged_store_stops_naming_the_utterance(built_store, t
     assert result.exit_code == 1
     assert "fails its checksum" in result.stderr or "cannot be read" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_utterances_the_build_skipped_are_left_out_of_training(tiny_model, corpus, tmp_path):
+    from pathlib import Path
+
+    folder = Path(corpus).parent
+    lines = Path(corpus).read_text().splitlines()
+    (tmp_path / "broken.wav").write_bytes(b"not audio at all")
+    header = lines[0].split(",")
+    broken = {"id": "broken", "path": str(tmp_path / "broken.wav"), "split": "train", "speaker": "spk9",
+              "activation": "4", "valence": "4", "dominance": "4"}
+    rows = [line.replace("wav/", f"{folder}/wav/", 1) for line in lines[1:]]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\n".join([lines[0], *rows, ",".join(broken[c] for c in header)]) + "\n")
+    store = tmp_path / "s.zarr"
+    assert run_cli("cache", "build", manifest, "--model", tiny_model, "--layers", 2, "--out", store,
+                   "--no-progress").exit_code == 1  # the broken file is reported
+    result = run_cli("train", "--from-cache", store, "--top-layers", 2, "--out", tmp_path / "r",
+                     "--epochs", 1, "--no-progress")
+    assert result.exit_code == 0, result.stderr
+    assert "leaving out 1 utterance(s) the cache build could not use: broken" in result.stderr
+    info = json.load(open(tmp_path / "r" / "config.json"))
+    assert info["train_utterances"] == sum(1 for r in rows if ",train," in r)
