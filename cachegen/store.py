@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import StoreCorrupt, StoreError, UnsafeInput
+from .errors import StoreError
 
 FORMAT = "ser-cache"
 FORMAT_VERSION = 1

@@ -84,10 +84,12 @@ class AudioSource:
         self.feature_extractor = feature_extractor
         self.stride = int(np.prod(model.config.conv_stride))
         self.receptive_field = receptive_field(model.config)
-        self._lengths = {}
-        for uid, path in paths.items():
+        def frames(path: str) -> int:
             info = sf.info(path)
-            self._lengths[uid] = audio_frames(model, info.frames, info.samplerate)
+            return audio_frames(model, info.frames, info.samplerate)
+
+        with ThreadPoolExecutor(max_workers=16) as pool:  # headers only; a shared disk is slow
+            self._lengths = dict(zip(paths, pool.map(frames, paths.values())))
 
     def length(self, uid: str) -> int:
         return self._lengths[uid]

@@ -2,7 +2,6 @@
 corruption detected by verify (RELIABILITY.md items 1-4, 8, 9, 11)."""
 
 import errno
-import os
 import shutil
 import signal
 import subprocess

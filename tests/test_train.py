@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cachegen.errors import ConfigError, ManifestError, StoreMismatch
+from cachegen.errors import ManifestError
 from headtrain import EvaluateConfig, PredictConfig, TrainConfig, evaluate, predict, train
 from headtrain.metrics import ccc, ccc_loss, pearson
 from conftest import run_cli
