@@ -180,16 +180,12 @@ def writers(config: BuildConfig):
     if config.part:
         return config.part[0] - 1, config.part[1], None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
         from accelerate import PartialState
 
-        state = PartialState(cpu=not torch_cuda_available())
+        state = PartialState(cpu=not torch.cuda.is_available())
         return state.process_index, state.num_processes, state
     return 0, 1, None
-
-
-def torch_cuda_available() -> bool:
-    import torch
-    return torch.cuda.is_available()
 
 
 def assign(batches: list[list[Utterance]], seconds: dict[str, float], count: int) -> list[list[int]]:
