@@ -204,7 +204,8 @@ def bench(config: BenchConfig) -> dict:
     reader = open_cache(store) if store else None
     paths = {u.id: u.path for u in manifest.utterances if reader is None or u.id in reader}
     ids = list(paths)
-    lengths = [audio_frames(loaded.model, sf.info(paths[u]).frames, sf.info(paths[u]).samplerate) for u in ids]
+    headers = [sf.info(paths[u]) for u in ids]
+    lengths = [audio_frames(loaded.model, info.frames, info.samplerate) for info in headers]
     total_steps = config.warmup_steps + config.steps
     plan, epoch = [], 0
     while len(plan) < total_steps:  # identical batches for every strategy

@@ -4,8 +4,6 @@ from it. Nothing in a run directory is pickled."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import numpy as np
 import torch
 
 from cachegen.errors import ConfigError, StoreMismatch, UnsafeInput
+from cachegen.store import write_atomic
 
 RUN_FORMAT = "ser-run"
 RUN_FORMAT_VERSION = 1
@@ -22,25 +21,16 @@ WEIGHTS = "model.safetensors"
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Atomically write safetensors, refusing non-finite values (never a NaN checkpoint)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise ValueError(f"refusing to save non-finite tensors: {', '.join(bad[:5])}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".partial")
-    os.close(fd)
-    try:
-        save_file({n: t.contiguous() for n, t in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_atomic(path, save({n: t.contiguous() for n, t in tensors.items()}))
 
 
 def write_json(data: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".partial")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, default=str).encode())
 
 
 @dataclass
