@@ -143,11 +143,9 @@ def measure(job: dict) -> dict:
             if step == config.warmup_steps:
                 timed_from = time.perf_counter()  # from here on, waiting for data counts too
             started = time.perf_counter()
-            inputs = ([w.to(device) for w in batch.inputs] if isinstance(batch.inputs, list)
-                      else batch.inputs.to(device, non_blocking=True))
-            mask = None if batch.mask is None else batch.mask.to(device)
+            batch.to(device)
             with accelerator.autocast():
-                pred = model(inputs, mask)  # (B, 3)
+                pred = model(batch.inputs, batch.mask)  # (B, 3)
             loss = ccc_loss(pred, torch.zeros_like(pred) + torch.arange(3, device=device))
             accelerator.backward(loss)
             optimizer.step()

@@ -24,6 +24,13 @@ class Batch:
     mask: torch.Tensor | None  # (B, T) bool for states; None for audio (the model derives it)
     targets: torch.Tensor | None  # (B, targets), standardised
 
+    def to(self, device) -> "Batch":
+        self.inputs = ([w.to(device) for w in self.inputs] if isinstance(self.inputs, list)
+                       else self.inputs.to(device, non_blocking=True))
+        self.mask = None if self.mask is None else self.mask.to(device)
+        self.targets = None if self.targets is None else self.targets.to(device)
+        return self
+
 
 def plan_batches(lengths: list[int], *, batch_size: int, seed: int, epoch: int,
                  shuffle: bool = True) -> list[list[int]]:

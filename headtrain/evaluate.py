@@ -26,14 +26,12 @@ def predict_split(model, source, ids: list[str], *, batch_size: int, device, acc
     out = np.zeros((len(ids), 0))
     rows = []
     for indices, batch in zip(plan, iterate_batches(source, ids, None, plan, workers=workers)):
-        inputs = ([w.to(device) for w in batch.inputs] if isinstance(batch.inputs, list)
-                  else batch.inputs.to(device))
-        mask = None if batch.mask is None else batch.mask.to(device)
+        batch.to(device)
         if accelerator is not None:
             with accelerator.autocast():
-                pred = model(inputs, mask)
+                pred = model(batch.inputs, batch.mask)
         else:
-            pred = model(inputs, mask)
+            pred = model(batch.inputs, batch.mask)
         rows.append((indices, pred.float().cpu().numpy()))
     if processes > 1:
         from accelerate.utils import gather_object

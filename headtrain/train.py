@@ -262,18 +262,11 @@ def train(config: TrainConfig) -> TrainResult:
     device = accelerator.device
     train_targets = (train_split.targets - mean) / std
 
-    def to_device(batch):
-        batch.inputs = ([w.to(device) for w in batch.inputs] if isinstance(batch.inputs, list)
-                        else batch.inputs.to(device))
-        batch.mask = None if batch.mask is None else batch.mask.to(device)
-        batch.targets = None if batch.targets is None else batch.targets.to(device)
-        return batch
-
     def train_batches(epoch: int):
         for batch in iterate_batches(source, train_split.ids, train_targets, epoch_plan(epoch),
                                      seed=config.seed, epoch=epoch, max_frames=config.max_frames,
                                      workers=config.workers):
-            yield to_device(batch)
+            yield batch.to(device)
 
     def evaluate() -> dict:
         pred = predict_split(model, source, dev_split.ids, batch_size=config.batch_size,
