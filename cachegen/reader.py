@@ -66,11 +66,19 @@ def read_key(source: Source, key: str, start: int | None = None, end: int | None
     return sync(source.read(key, start, end))
 
 
-def _span(f, start: int | None, end: int | None, size: int) -> bytes:
-    start = 0 if start is None else max(0, size + start) if start < 0 else start
-    end = size if end is None else min(end, size)
-    f.seek(start)
-    return f.read(max(0, end - start))
+def byte_bounds(start: int | None, end: int | None, size: int) -> tuple[int, int]:
+    """[first, last) of a read of `size` bytes: None means the start or the end, a negative
+    `start` counts from the end (a suffix read), and both are clipped to the size."""
+    first = 0 if start is None else max(0, size + start) if start < 0 else min(start, size)
+    last = size if end is None else min(end, size)
+    return first, max(first, last)
+
+
+def _span(f, start: int | None, end: int | None, size: int, *, offset: int = 0) -> bytes:
+    """Bytes [start:end) of a `size`-byte file that begins at `offset` in `f`."""
+    first, last = byte_bounds(start, end, size)
+    f.seek(offset + first)
+    return f.read(last - first)
 
 
 def _member_path(key: str) -> PurePosixPath:
@@ -162,12 +170,7 @@ class ZipSource(Source):
             return None
         with self.lock:
             if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
-                offset = self._data_offset(info)
-                size = info.file_size
-                first = 0 if start is None else max(0, size + start) if start < 0 else min(start, size)
-                last = size if end is None else min(end, size)
-                self.file.seek(offset + first)
-                return self.file.read(max(0, last - first))
+                return _span(self.file, start, end, info.file_size, offset=self._data_offset(info))
             try:
                 data = self.archive.read(info)
             except (RuntimeError, zipfile.BadZipFile, NotImplementedError) as err:
@@ -249,8 +252,7 @@ class FsspecSource(Source):
             size = await self.size(key)
             if size is None:
                 return None
-            start = 0 if start is None else max(0, size + start) if start < 0 else start
-            end = size if end is None else end
+            start, end = byte_bounds(start, end, size)
         start = start or 0
         if end <= start:
             return b""

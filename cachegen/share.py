@@ -23,7 +23,7 @@ from pathlib import Path
 from .errors import ConfigError, StoreCorrupt, StoreError
 from .store import write_atomic
 from .reader import (ROOT, URL, CacheReader, FolderSource, FsspecSource, Source, ZipSource,
-                     open_cache, read_key)
+                     byte_bounds, open_cache, read_key)
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ class OverlaySource(Source):
     async def read(self, key, start=None, end=None):
         if key in self.extra:
             data = self.extra[key]
-            start = 0 if start is None else max(0, len(data) + start) if start < 0 else start
-            return data[start:end]
+            first, last = byte_bounds(start, end, len(data))
+            return data[first:last]
         return await self.base.read(key, start, end)
 
     async def size(self, key):
