@@ -261,18 +261,30 @@ def _fails(reader, uid):
         return True
 
 
-def test_same_weights_with_another_config_are_refused(built_store, tiny_model, corpus, tmp_path):
+def edited_model(model_dir, tmp_path, name: str, **changes) -> Path:
+    """A copy of `model_dir` whose JSON file `name` has `changes`; the weights stay the same."""
     import json as json_module
 
     changed = tmp_path / "model"
-    shutil.copytree(tiny_model, changed)
-    config = json_module.loads((changed / "config.json").read_text())
-    config.update(hidden_act="relu", layer_norm_eps=0.1)  # same weights, other computation
-    (changed / "config.json").write_text(json_module.dumps(config))
+    shutil.copytree(model_dir, changed)
+    fields = json_module.loads((changed / name).read_text())
+    fields.update(changes)
+    (changed / name).write_text(json_module.dumps(fields))
+    return changed
+
+
+def rebuild_copy(store, corpus, model_dir, tmp_path):
+    """Run the store's build again on a copy of it with `model_dir`: (copy, CLI result)."""
     copy = tmp_path / "copy.zarr"
-    shutil.copytree(built_store, copy)
-    result = run_cli("cache", "build", corpus, "--model", changed, "--layers", 2, "--dtype", "float32",
-                     "--out", copy, "--no-progress")
+    shutil.copytree(store, copy)
+    return copy, run_cli("cache", "build", corpus, "--model", model_dir, "--layers", 2, "--dtype",
+                         "float32", "--out", copy, "--no-progress")
+
+
+def test_same_weights_with_another_config_are_refused(built_store, tiny_model, corpus, tmp_path):
+    # same weights, other computation
+    changed = edited_model(tiny_model, tmp_path, "config.json", hidden_act="relu", layer_norm_eps=0.1)
+    copy, result = rebuild_copy(built_store, corpus, changed, tmp_path)
     assert result.exit_code == 1 and "model_config_sha256: store has" in result.stderr
     result = run_cli("train", "--from-cache", copy, "--model", changed, "--top-layers", 2,
                      "--out", tmp_path / "run")
@@ -280,17 +292,8 @@ def test_same_weights_with_another_config_are_refused(built_store, tiny_model, c
 
 
 def test_other_preprocessing_is_refused(built_store, tiny_model, corpus, tmp_path):
-    import json as json_module
-
-    changed = tmp_path / "model"
-    shutil.copytree(tiny_model, changed)
-    preprocessor = json_module.loads((changed / "preprocessor_config.json").read_text())
-    preprocessor["do_normalize"] = False
-    (changed / "preprocessor_config.json").write_text(json_module.dumps(preprocessor))
-    copy = tmp_path / "copy.zarr"
-    shutil.copytree(built_store, copy)
-    result = run_cli("cache", "build", corpus, "--model", changed, "--layers", 2, "--dtype", "float32",
-                     "--out", copy, "--no-progress")
+    changed = edited_model(tiny_model, tmp_path, "preprocessor_config.json", do_normalize=False)
+    _, result = rebuild_copy(built_store, corpus, changed, tmp_path)
     assert result.exit_code == 1 and "preprocessing: store has" in result.stderr
 
 

@@ -267,19 +267,22 @@ def test_copy_from_http_to_folder_zip_and_object_store(store, www, server, tmp_p
     one_line_error(run_cli("cache", "copy", store, tmp_path / "a.zarr"), "already exists")
 
 
+def crash_after(count: int, real_write, written: list):
+    """A Target.write that writes `count` files (recorded in `written`), then crashes."""
+    def write(self, key, data):
+        if len(written) == count:
+            raise RuntimeError("simulated crash")
+        written.append(key)
+        real_write(self, key, data)
+    return write
+
+
 def test_interrupted_copy_is_never_a_store_and_resumes(store, tmp_path, monkeypatch):
     from cachegen import share
 
     destination = tmp_path / "copy.zarr"
     real_write, written = share.FolderTarget.write, []
-
-    def crash_midway(self, key, data):
-        if len(written) == 7:
-            raise RuntimeError("simulated crash")
-        written.append(key)
-        real_write(self, key, data)
-
-    monkeypatch.setattr(share.FolderTarget, "write", crash_midway)
+    monkeypatch.setattr(share.FolderTarget, "write", crash_after(7, real_write, written))
     with pytest.raises(RuntimeError, match="simulated crash"):
         share.copy_store(store, destination, jobs=1)
     assert not destination.exists() and len(files_of(tmp_path / "copy.zarr.partial")) == 7 + 1
@@ -297,14 +300,7 @@ def test_interrupted_copy_to_an_object_store_has_no_zarr_json(store, monkeypatch
     from cachegen import share
 
     real_write, written = share.FsspecTarget.write, []
-
-    def crash_midway(self, key, data):
-        if len(written) == 5:
-            raise RuntimeError("simulated crash")
-        written.append(key)
-        real_write(self, key, data)
-
-    monkeypatch.setattr(share.FsspecTarget, "write", crash_midway)
+    monkeypatch.setattr(share.FsspecTarget, "write", crash_after(5, real_write, written))
     with pytest.raises(RuntimeError):
         share.copy_store(store, "memory://bucket/half.zarr", jobs=1)
     with pytest.raises(StoreError, match="no zarr.json"):
