@@ -302,6 +302,42 @@ def demo_command(out, epochs):
 
 
 @main.group()
+def analyze() -> None:
+    """Choose L and K from data: how finetuning moves each layer, what each layer knows."""
+
+
+@analyze.command("change")
+@click.argument("run", type=click.Path(file_okay=False, exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for change.csv, change.json, change.png.")
+@click.option("--manifest", default=None, type=click.Path(dir_okay=False),
+              help="Audio for CKA (default: what the run trained from).")
+@click.option("--from-cache", "from_cache", default=None, help="Or: a store for CKA (cached runs).")
+@click.option("--split", default=None, help="Split sampled for CKA (default: the run's dev split).")
+@click.option("--utterances", default=100, show_default=True,
+              help="Utterances sampled for CKA; 0: weights only (no audio read).")
+@click.option("--metric", type=click.Choice(["representation", "weights"]), default=None,
+              help="The change that decides the recommended L (default: representation; "
+                   "weights with --utterances 0).")
+@click.option("--threshold", default=0.5, show_default=True,
+              help="A layer counts as changed from this fraction of the largest change on.")
+@click.option("--model", default=None, help="Base checkpoint, if moved since training.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--device", default=None)
+@click.option("--seed", default=0, show_default=True, help="Seed of the utterance sample.")
+@click.option("--cache-dir", default=None, help="Keep a local copy of remote store files here.")
+@click.option("--audio-root", default=None, type=click.Path(file_okay=False))
+@click.option("--no-progress", is_flag=True)
+def analyze_change_command(no_progress, **options):
+    """Per layer: how far RUN moved from its pretrained model (weights, CKA); recommends L."""
+    from headtrain.analyze import ChangeConfig, analyze_change, change_text
+
+    result = analyze_change(ChangeConfig(**options), progress=not no_progress)
+    click.echo(change_text(result))
+    click.echo(f"written: {options['out']}/change.csv, change.json, change.png")
+
+
+@main.group()
 def prepare() -> None:
     """Turn a downloaded corpus into a manifest (id, path, split, labels)."""
 

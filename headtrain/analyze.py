@@ -1,0 +1,374 @@
+"""`ser analyze`: how far finetuning moved each layer, to choose the cache layer L from data.
+
+`change` compares a trained run with its pretrained model, layer by layer: in weight space
+(relative Frobenius change of the layer's parameters) and in representation space (linear CKA
+of the two models' hidden states on a sample of utterances). docs/analyze.md explains how to
+read the results.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cachegen.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+# --- linear CKA ---------------------------------------------------------------------------------
+
+class LinearCKA:
+    """Linear CKA (Kornblith et al., 2019) of two representations of the same frames, added in
+    batches: ||Xc^T Yc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F), Xc, Yc the column-centred
+    (frames, D) matrices. Only D x D sums are kept (float64), shifted by the first batch's
+    means so that large constant components do not cancel catastrophically."""
+
+    def __init__(self):
+        self.count = 0
+        self.shift_x = self.shift_y = None
+        self.sum_x = self.sum_y = self.xx = self.yy = self.xy = None
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """x: (n, Dx), y: (n, Dy): the same n frames in two representations."""
+        x, y = torch.as_tensor(x).double(), torch.as_tensor(y).double()
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"CKA needs the same frames: {x.shape[0]} != {y.shape[0]}")
+        if self.shift_x is None:
+            self.shift_x, self.shift_y = x.mean(0), y.mean(0)
+            self.sum_x, self.sum_y = torch.zeros_like(self.shift_x), torch.zeros_like(self.shift_y)
+            self.xx = x.new_zeros(x.shape[1], x.shape[1])
+            self.yy = y.new_zeros(y.shape[1], y.shape[1])
+            self.xy = x.new_zeros(x.shape[1], y.shape[1])
+        x, y = x - self.shift_x, y - self.shift_y
+        self.count += x.shape[0]
+        self.sum_x += x.sum(0)
+        self.sum_y += y.sum(0)
+        self.xx += x.T @ x
+        self.yy += y.T @ y
+        self.xy += x.T @ y
+
+    def value(self) -> float:
+        """CKA in [0, 1]; NaN when either representation is constant (or nothing was added)."""
+        if not self.count:
+            return math.nan
+        mean_x, mean_y = self.sum_x / self.count, self.sum_y / self.count
+        xx = self.xx - self.count * torch.outer(mean_x, mean_x)
+        yy = self.yy - self.count * torch.outer(mean_y, mean_y)
+        xy = self.xy - self.count * torch.outer(mean_x, mean_y)
+        denominator = torch.linalg.matrix_norm(xx) * torch.linalg.matrix_norm(yy)
+        if denominator <= 0:
+            return math.nan
+        return float((xy.square().sum() / denominator).clamp(0, 1))
+
+
+def linear_cka(x, y) -> float:
+    """Linear CKA of two (frames, D) representations of the same frames."""
+    cka = LinearCKA()
+    cka.add(x, y)
+    return cka.value()
+
+
+# --- weight change ------------------------------------------------------------------------------
+
+def layer_of(name: str, config) -> int | None:
+    """The hidden_states index a parameter of an encoder (Wav2Vec2Model/HubertModel) belongs to:
+    i for transformer layer i (1..N), 0 for what makes hidden_states[0] (feature projection,
+    positional convolution, the layer norm of post-norm models), N for the final layer norm of
+    stable-layer-norm models; None for the convolutional feature encoder and the SpecAugment
+    embedding (never trained by ser)."""
+    if name.startswith("encoder.layers."):
+        return int(name.split(".")[2]) + 1
+    if name.startswith("encoder.layer_norm."):
+        return config.num_hidden_layers if config.do_stable_layer_norm else 0
+    if name.startswith(("feature_projection.", "encoder.pos_conv_embed.")):
+        return 0
+    return None
+
+
+def weight_change(pretrained: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
+                  config) -> list[float]:
+    """Per hidden_states index 0..N: ||W_finetuned - W_pretrained||_F / ||W_pretrained||_F over
+    all parameters of that layer together (0.0 for a layer that did not move)."""
+    count = config.num_hidden_layers
+    moved, size = np.zeros(count + 1), np.zeros(count + 1)
+    for name, before in pretrained.items():
+        index = layer_of(name, config)
+        if index is None or not before.is_floating_point():
+            continue
+        after = finetuned[name]
+        moved[index] += float((after.double() - before.double()).square().sum())
+        size[index] += float(before.double().square().sum())
+    return [float(math.sqrt(m / s)) if s > 0 else 0.0 for m, s in zip(moved, size)]
+
+
+def recommend_cache_layer(change: list[float], threshold: float) -> tuple[int, float]:
+    """(L, cut): the highest L such that transformer layers 1..L each changed less than `cut` =
+    `threshold` x the largest change of layers 1..N; `change` is indexed 0..N. At most N - 1:
+    at least one layer is left to train."""
+    top = max(change[1:])
+    cut = threshold * top
+    layer = 0
+    while layer + 1 < len(change) - 1 and change[layer + 1] < cut:
+        layer += 1
+    return layer, cut
+
+
+# --- ser analyze change -------------------------------------------------------------------------
+
+METRICS = {"representation": "1 - CKA", "weights": "relative weight change"}
+
+
+@dataclass(frozen=True)
+class ChangeConfig:
+    """Options of `ser analyze change`; checked by `validate` before any work starts."""
+    run: str
+    out: str
+    manifest: str | None = None  # default: what the run trained from
+    from_cache: str | None = None
+    split: str | None = None  # default: the run's dev split
+    utterances: int = 100  # sampled for CKA; 0: weights only
+    metric: str | None = None  # the change that decides L: default representation (CKA), or
+    # weights with --utterances 0
+    threshold: float = 0.5  # a layer "changed" from threshold x the largest change on
+    model: str | None = None  # base checkpoint, if moved since training
+    batch_size: int = 8
+    device: str | None = None
+    seed: int = 0
+    cache_dir: str | None = None
+    audio_root: str | None = None
+
+    @property
+    def resolved_metric(self) -> str:
+        return self.metric or ("representation" if self.utterances else "weights")
+
+    def validate(self) -> None:
+        if self.resolved_metric not in METRICS:
+            raise ConfigError(f"--metric {self.metric!r}: choose one of {', '.join(METRICS)}")
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(f"--threshold {self.threshold}: a fraction of the largest change, in (0, 1]")
+        if self.utterances < 0:
+            raise ConfigError(f"--utterances {self.utterances}: must be 0 (weights only) or more")
+        if self.resolved_metric == "representation" and self.utterances == 0:
+            raise ConfigError("--metric representation needs utterances for CKA: drop "
+                              "--utterances 0, or pass --metric weights")
+        if self.manifest and self.from_cache:
+            raise ConfigError("pass at most one of --manifest and --from-cache")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.device and self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {self.device}: CUDA is not available on this machine")
+        check_out(self.out, self.run)
+
+
+def check_out(out: str, run: str | None = None) -> None:
+    """An analysis never writes into a run directory (it belongs to its training) or a store."""
+    path = Path(out)
+    if run is not None and path.resolve() == Path(run).resolve():
+        raise ConfigError(f"--out {out}: that is the run directory; write the analysis elsewhere")
+    if (path / "config.json").is_file() or (path / "zarr.json").is_file():
+        raise ConfigError(f"--out {out}: holds a ser run or store; choose another folder")
+
+
+def split_sample(table, ids: list[str], split: str | None, count: int, seed: int,
+                 source: str) -> list[str]:
+    """Up to `count` ids of `split` (all ids when the table has no split column), chosen at
+    random with `seed`, in id order."""
+    available = set(ids)
+    if split and "split" in table.column_names:
+        rows = table.select(["id", "split"]).to_pylist()
+        chosen = [r["id"] for r in rows if r["split"] == split and r["id"] in available]
+        if not chosen:
+            raise ConfigError(f"{source}: no utterances of split '{split}' (pass --split)")
+    else:
+        chosen = sorted(available)
+    rng = np.random.default_rng(seed)
+    if len(chosen) > count:
+        chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), count, replace=False))]
+    return sorted(chosen)
+
+
+def open_inputs(config: ChangeConfig, info: dict, base):
+    """(source, sample ids, first layer, description) of the utterances CKA runs on; `base` is
+    the pretrained LoadedModel."""
+    from cachegen.manifest import load_manifest
+
+    from .data import AudioSource, CacheSource
+
+    trained = info.get("config", {})
+    manifest = config.manifest or (None if config.from_cache else trained.get("manifest"))
+    store = config.from_cache or (None if manifest else trained.get("from_cache"))
+    split = config.split or trained.get("dev_split", "dev")
+    if manifest:
+        loaded = load_manifest(manifest, audio_root=config.audio_root or trained.get("audio_root"))
+        paths = {u.id: u.path for u in loaded.utterances}
+        source = AudioSource(paths, base.model, base.feature_extractor)
+        ids = split_sample(loaded.table, list(paths), split, config.utterances, config.seed, manifest)
+        return source, ids, 0, manifest
+    if store:
+        from cachegen import open_cache
+
+        from .train import check_store_matches
+
+        reader = open_cache(store, cache_dir=config.cache_dir)
+        check_store_matches(reader.location, reader.meta, base)
+        ids = split_sample(reader.table, reader.ids, split, config.utterances, config.seed, store)
+        return CacheSource(reader), ids, reader.meta["layers"], store
+    raise ConfigError(f"{config.run}: the run records no manifest or store; pass --manifest")
+
+
+@torch.inference_mode()
+def representation_change(pretrained, finetuned, source, ids: list[str], *, first: int,
+                          batch_size: int, device: str, progress: bool = True) -> list[float]:
+    """Linear CKA per hidden_states index 0..N between two encoders on the frames of `ids`
+    (NaN below `first`, the layer a store's states enter at)."""
+    from tqdm import tqdm
+
+    from cachegen.lower import embed
+    from cachegen.pooled import each_layer
+
+    from .data import iterate_batches, plan_batches
+
+    count = pretrained.config.num_hidden_layers
+    ckas = [LinearCKA() for _ in range(count + 1)]
+    plan = plan_batches([source.length(uid) for uid in ids], batch_size=batch_size, seed=0,
+                        epoch=0, shuffle=False)
+    bar = tqdm(total=len(ids), unit="utt", desc="CKA", disable=not progress, dynamic_ncols=True)
+    for batch in iterate_batches(source, ids, None, plan):
+        batch.to(device)
+        walks = []
+        for model in (pretrained, finetuned):
+            if source.kind == "audio":
+                hidden, mask = embed(model, batch.inputs)
+            else:
+                hidden, mask = batch.inputs, batch.mask
+            walks.append(each_layer(model, hidden, mask, first=first))
+        for (index, x), (_, y) in zip(*walks):
+            ckas[index].add(x[mask], y[mask])  # (frames, D): real frames only
+        bar.update(len(batch.ids))
+    bar.close()
+    return [c.value() for c in ckas]
+
+
+def analyze_change(config: ChangeConfig, *, progress: bool = True) -> dict:
+    """Write change.csv, change.json and change.png into `config.out`; returns the JSON.
+
+    Raises:
+        ConfigError: bad options, or an output folder that belongs to a run or a store.
+        StoreMismatch: the base checkpoint is not the one the run trained from.
+    """
+    from cachegen.model import load_model
+
+    from .run import load_run, read_run_info, write_json
+    from .upper import merge_lora
+
+    config.validate()
+    info = read_run_info(config.run)
+    if info["format"] != "ser-run":
+        raise ConfigError(f"{config.run}: an export; analyse the run directory it came from")
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    run = load_run(config.run, from_audio=True, model=config.model)
+    finetuned = run.model.backbone
+    merge_lora(finetuned)
+    base = load_model(config.model or info["model_id"])
+    pretrained = base.model
+    layers = pretrained.config.num_hidden_layers
+    weights = weight_change(pretrained.state_dict(), finetuned.state_dict(), pretrained.config)
+    trained_all = info["strategy"] == "full" or info["top_layers"] >= layers
+    if not trained_all:
+        log.warning("%s trained only layers %d..%d (%s, K=%d): the layers below were frozen and "
+                    "did not change by construction; train with --strategy full (or K = %d) to "
+                    "choose L from data", config.run, layers - info["top_layers"] + 1, layers,
+                    info["strategy"], info["top_layers"], layers)
+    cka = [math.nan] * (layers + 1)
+    described, sampled = None, 0
+    if config.utterances:
+        source, ids, first, described = open_inputs(config, info, base)
+        if source.kind == "states" and any(weights[:first + 1]):
+            raise ConfigError(f"{config.run} changed layers at or below the store's layer {first}: "
+                              "its states cannot feed the finetuned model; pass --manifest")
+        sampled = len(ids)
+        pretrained.to(device)
+        finetuned.to(device)
+        cka = representation_change(pretrained, finetuned, source, ids, first=first,
+                                    batch_size=config.batch_size, device=device, progress=progress)
+        cka[:first] = [1.0] * first  # frozen below the store's layer: identical by construction
+    metric = config.resolved_metric
+    change = [1 - c for c in cka] if metric == "representation" else weights
+    if metric == "representation" and any(math.isnan(c) for c in change[1:]):
+        raise ConfigError(f"CKA is undefined for some layers of {config.run} (constant hidden "
+                          "states on the sample): pass more --utterances, or --metric weights")
+    layer, cut = recommend_cache_layer(change, config.threshold)
+    rows = [{"layer": i, "weight_change": weights[i], "cka": None if math.isnan(cka[i]) else cka[i],
+             "representation_change": None if math.isnan(cka[i]) else 1 - cka[i]}
+            for i in range(layers + 1)]
+    result = {
+        "run": config.run, "model_id": info["model_id"], "strategy": info["strategy"],
+        "num_hidden_layers": layers, "trained_all_layers": trained_all, "layers": rows,
+        "metric": metric, "metric_label": METRICS[metric], "threshold": config.threshold,
+        "cut": cut, "recommended_layers": layer, "recommended_top_layers": layers - layer,
+        "utterances": sampled, "inputs": described, "split": config.split or
+        info.get("config", {}).get("dev_split"),
+    }
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(result, out / "change.json")
+    write_rows(rows, out / "change.csv")
+    plot_change(result, str(out / "change.png"))
+    return result
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows([{k: "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)
+                           for k, v in row.items()} for row in rows])
+
+
+def change_text(result: dict) -> str:
+    """The recommendation in one sentence, with its threshold."""
+    layers = result["num_hidden_layers"]
+    top = max(result["layers"][1:], key=lambda r: r["weight_change"] if result["metric"] == "weights"
+              else r["representation_change"])
+    value = top["weight_change"] if result["metric"] == "weights" else top["representation_change"]
+    chosen = result["recommended_layers"]
+    below = {0: "not even layer 1 changed", 1: "layer 1 changed"}.get(chosen, f"layers 1..{chosen} each changed")
+    text = (f"recommended --layers {chosen} (--top-layers {result['recommended_top_layers']}): "
+            f"{below} less than {result['threshold']:g} x the largest change ({result['metric_label']} "
+            f"{value:.4g} at layer {top['layer']} of {layers}), i.e. below {result['cut']:.4g}")
+    if not result["trained_all_layers"]:
+        text += "; the run did not train every layer, so this only restates its own K"
+    return text
+
+
+def plot_change(result: dict, path: str) -> None:
+    """Weight change and 1 - CKA per layer, the threshold and the recommended L."""
+    from .plots import _pyplot
+
+    plt = _pyplot()
+    rows = result["layers"]
+    layers = [r["layer"] for r in rows]
+    panels = [("weight_change", "relative weight change")]
+    if any(r["representation_change"] is not None for r in rows):
+        panels.append(("representation_change", "1 - CKA (pretrained vs finetuned)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        values = [np.nan if r[key] is None else r[key] for r in rows]
+        ax.bar(layers, values, color="tab:blue")
+        if (key == "weight_change") == (result["metric"] == "weights"):
+            ax.axhline(result["cut"], color="tab:red", linestyle="--",
+                       label=f"threshold {result['threshold']:g} x max")
+            ax.legend()
+        ax.axvline(result["recommended_layers"] + 0.5, color="k", linestyle=":")
+        ax.set(xlabel="layer (0 = input of layer 1)", ylabel=label,
+               title=f"{label}; L = {result['recommended_layers']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,147 @@
+"""`ser analyze`: linear CKA, weight change, the recommended L (issue 17)."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from headtrain import TrainConfig, train
+from headtrain.analyze import ChangeConfig, analyze_change, linear_cka, recommend_cache_layer, LinearCKA
+from conftest import run_cli
+
+torch.set_num_threads(1)
+TARGETS = ("activation", "valence", "dominance")
+
+
+def quick(**overrides):
+    options = dict(targets=TARGETS, top_layers=2, epochs=1, batch_size=4, dropout=0.0, warmup=0.0,
+                   seed=3, lr=1e-3, head_lr=1e-3, progress=False, workers=1)
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+def hsic_cka(x, y):
+    """CKA from Gram matrices and the centring matrix (Kornblith et al., eq. 2), an independent
+    formula: HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)), K = X X^T, L = Y Y^T."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    n = x.shape[0]
+    h = np.eye(n) - np.ones((n, n)) / n
+    k, l_ = h @ x @ x.T @ h, h @ y @ y.T @ h
+    return np.sum(k * l_) / np.sqrt(np.sum(k * k) * np.sum(l_ * l_))
+
+
+# --- CKA ---------------------------------------------------------------------------------------
+
+def test_cka_of_a_representation_with_itself_and_a_rotation_is_one_noise_lowers_it():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 16)) @ rng.normal(size=(16, 16)) + 50.0  # correlated, far from 0
+    rotation, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-9)
+    assert linear_cka(x, x @ rotation) == pytest.approx(1.0, abs=1e-9)
+    assert linear_cka(x, 3.0 * x @ rotation + 7.0) == pytest.approx(1.0, abs=1e-9)
+    previous = 1.0
+    for scale in (0.3, 1.0, 3.0):
+        noisy = linear_cka(x, x + scale * rng.normal(size=x.shape) * x.std())
+        assert noisy < previous - 0.01
+        previous = noisy
+    assert linear_cka(x, rng.normal(size=(300, 16))) < 0.2
+
+
+def test_cka_added_in_batches_equals_an_independent_formula():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(120, 8)) * np.linspace(0.1, 10, 8) + 1000.0  # large constant component
+    y = np.tanh(x[:, :6] @ rng.normal(size=(6, 5)) / 1000.0) + rng.normal(size=(120, 5)) * 0.1
+    cka = LinearCKA()
+    for start in range(0, 120, 25):
+        cka.add(torch.from_numpy(x[start:start + 25]), torch.from_numpy(y[start:start + 25]))
+    assert cka.value() == pytest.approx(hsic_cka(x, y), rel=1e-7)
+    assert np.isnan(linear_cka(np.ones((10, 3)), x[:10, :3]))  # a constant representation
+
+
+def test_recommended_layer_is_the_highest_below_which_all_stay_under_the_threshold():
+    # layers 0..6; the largest change of layers 1..6 is 0.8, so the cut is 0.5 * 0.8 = 0.4
+    change = [0.9, 0.05, 0.1, 0.39, 0.5, 0.2, 0.8]
+    assert recommend_cache_layer(change, 0.5) == (3, pytest.approx(0.4))
+    assert recommend_cache_layer(change, 0.1)[0] == 1  # cut 0.08: layer 2 (0.1) counts as changed
+    assert recommend_cache_layer([0.0, 0.1, 0.2, 0.3], 1.0)[0] == 2  # at least one layer trains
+    assert recommend_cache_layer([0.0, 0.0, 0.0, 0.0], 0.5)[0] == 0  # nothing moved: no evidence
+
+
+# --- ser analyze change on real runs -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def partial_run(tiny_model, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "partial"
+    train(quick(out=str(out), manifest=corpus, model=tiny_model, strategy="partial", top_layers=2))
+    return str(out)
+
+
+def test_weight_change_is_zero_for_frozen_layers_and_positive_for_trained(partial_run, tmp_path):
+    result = analyze_change(ChangeConfig(run=partial_run, out=str(tmp_path / "a"), utterances=6),
+                            progress=False)
+    rows = result["layers"]
+    assert [r["layer"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["weight_change"] for r in rows[:3]] == [0.0, 0.0, 0.0]  # K = 2 of 4: frozen
+    assert all(r["weight_change"] > 1e-4 for r in rows[3:])
+    # the same frozen layers on the same audio: identical states, CKA 1; trained ones moved
+    assert all(r["cka"] == pytest.approx(1.0, abs=1e-6) for r in rows[:3])
+    assert all(r["cka"] < 1.0 - 1e-6 for r in rows[3:])
+    assert result["recommended_layers"] >= 2 and not result["trained_all_layers"]  # 1, 2 unmoved
+    written = list(csv.DictReader(open(tmp_path / "a" / "change.csv")))
+    assert [float(r["weight_change"]) for r in written] == pytest.approx([r["weight_change"] for r in rows], rel=1e-5)
+    assert json.load(open(tmp_path / "a" / "change.json"))["threshold"] == 0.5
+    assert open(tmp_path / "a" / "change.png", "rb").read(4) == b"\x89PNG"
+
+
+def test_full_run_changes_every_layer_and_the_cli_names_l_and_threshold(tiny_model, corpus, tmp_path):
+    run = tmp_path / "full"
+    train(quick(out=str(run), manifest=corpus, model=tiny_model, strategy="full"))
+    result = run_cli("analyze", "change", run, "--out", tmp_path / "change", "--utterances", 2,
+                     "--threshold", 0.3, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "recommended --layers" in result.output and "0.3 x the largest change" in result.output
+    info = json.load(open(tmp_path / "change" / "change.json"))
+    assert info["trained_all_layers"] and info["utterances"] == 2 and info["metric"] == "representation"
+    assert all(r["weight_change"] > 0 for r in info["layers"])  # projection, pos conv, every layer
+    # the recommendation follows the rule from the written numbers
+    changes = [r["representation_change"] for r in info["layers"]]
+    cut = 0.3 * max(changes[1:])
+    expected = 0
+    while expected + 1 < 4 and changes[expected + 1] < cut:
+        expected += 1
+    assert info["recommended_layers"] == expected and info["cut"] == pytest.approx(cut)
+    weights_only = run_cli("analyze", "change", run, "--out", tmp_path / "w", "--utterances", 0)
+    assert weights_only.exit_code == 0 and "relative weight change" in weights_only.output
+    assert all(r["cka"] is None for r in json.load(open(tmp_path / "w" / "change.json"))["layers"])
+
+
+def test_cka_from_the_store_equals_cka_from_audio(built_store, corpus, tmp_path):
+    run = tmp_path / "cached"
+    train(quick(out=str(run), from_cache=built_store))  # layer 2 of 4 cached, K = 2
+    from_store = analyze_change(ChangeConfig(run=str(run), out=str(tmp_path / "s"), utterances=4),
+                                progress=False)
+    from_audio = analyze_change(ChangeConfig(run=str(run), out=str(tmp_path / "m"), utterances=4,
+                                             manifest=corpus), progress=False)
+    assert from_store["inputs"] == built_store and from_audio["inputs"] == corpus
+    assert [r["cka"] for r in from_store["layers"]] == pytest.approx(
+        [r["cka"] for r in from_audio["layers"]], abs=1e-4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threshold", "0"], "--threshold 0.0"),
+    (["--metric", "representation", "--utterances", "0"], "--metric representation needs"),
+    (["--split", "nosuch"], "no utterances of split 'nosuch'"),
+])
+def test_bad_options_are_one_line_errors(partial_run, tmp_path, args, message):
+    result = run_cli("analyze", "change", partial_run, "--out", tmp_path / "x", "--no-progress", *args)
+    assert result.exit_code == 1 and message in result.stderr and "Traceback" not in result.output
+
+
+def test_analysis_never_writes_into_a_run_or_reads_a_non_run(partial_run, tmp_path):
+    into_run = run_cli("analyze", "change", partial_run, "--out", partial_run)
+    assert into_run.exit_code == 1 and "run directory" in into_run.stderr
+    (tmp_path / "empty").mkdir()
+    not_a_run = run_cli("analyze", "change", tmp_path / "empty", "--out", tmp_path / "o")
+    assert not_a_run.exit_code == 1 and "not a ser run" in not_a_run.stderr
