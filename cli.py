@@ -68,16 +68,20 @@ def cache() -> None:
 @click.option("--part", default=None, metavar="I/N",
               help="Cache only part I of N (independent jobs, e.g. a SLURM array); finalise "
                    "afterwards with the same command without --part.")
+@click.option("--pooled-layers", default=None, metavar="all|I,J,...",
+              help="Also store each utterance's mean and std over frames of these layers' "
+                   "hidden states (0 = input of layer 1), for `ser analyze probe`.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def cache_build(manifest, model, layers, out, dtype, batch_size, device, workers, audio_root,
-                shard_frames, overwrite, part, no_progress):
+                shard_frames, overwrite, part, pooled_layers, no_progress):
     """Run the feature encoder and lower LAYERS layers once; store each utterance's states."""
     from cachegen.build import BuildConfig, build_cache
 
     summary = build_cache(BuildConfig(
         manifest=manifest, out=out, model=model, layers=layers, dtype=dtype, batch_size=batch_size,
         device=device, workers=workers, overwrite=overwrite, audio_root=audio_root,
-        shard_frames=shard_frames, part=_part(part), progress=not no_progress))
+        shard_frames=shard_frames, part=_part(part), pooled_layers=pooled_layers,
+        progress=not no_progress))
     if summary.main:
         click.echo(summary.text())
     if summary.failed:

@@ -40,6 +40,7 @@ class BuildConfig:
     chunk_frames: int | None = None  # default: 256 (measured in docs/benchmarks.md), at most a shard
     shard_frames: int | None = None  # default: ~16 MiB shard files
     part: tuple[int, int] | None = None  # (I, N), 1-based: one of N independent jobs
+    pooled_layers: str | None = None  # "all" or "0,6,12": also store per-utterance mean/std
     progress: bool = True
 
     @property
@@ -57,6 +58,12 @@ class BuildConfig:
             raise ConfigError(f"--layers {self.layers}: must be 0 or more")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.pooled_layers:
+            from .pooled import parse_pooled_layers
+            try:
+                parse_pooled_layers(self.pooled_layers, 10**6)  # the range is checked with the model
+            except ValueError as err:
+                raise ConfigError(f"--pooled-layers {err}") from None
         if self.workers < 0:
             raise ConfigError(f"--workers {self.workers}: must be 0 or more")
         if self.resolved_chunk_frames < 1 or (self.shard_frames is not None and (
@@ -109,6 +116,7 @@ def store_meta(config: BuildConfig, loaded: LoadedModel, shard_frames: int) -> d
     import zarr
 
     cfg = loaded.config
+    pooled = pooled_layers(config, loaded)
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "model_id": loaded.model_id, "model_sha256": loaded.weights_sha256,
@@ -122,7 +130,16 @@ def store_meta(config: BuildConfig, loaded: LoadedModel, shard_frames: int) -> d
         "versions": {"ser": _version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "zarr": zarr.__version__,
                      "numcodecs": numcodecs.__version__, "python": sys.version.split()[0]},
+        **({"pooled_layers": list(pooled)} if pooled else {}),  # absent: the key of older stores
     }
+
+
+def pooled_layers(config: BuildConfig, loaded: LoadedModel) -> tuple[int, ...]:
+    from .pooled import parse_pooled_layers
+    try:
+        return parse_pooled_layers(config.pooled_layers, loaded.num_layers)
+    except ValueError as err:
+        raise ConfigError(f"--pooled-layers {err} (model '{config.model}')") from None
 
 
 def _version() -> str:
@@ -217,6 +234,7 @@ def build_cache(config: BuildConfig) -> BuildSummary:
     from tqdm import tqdm
 
     from .lower import LowerStack
+    from .pooled import PooledStack
     from .store import committed_count
 
     config.validate()
@@ -259,7 +277,9 @@ def build_cache(config: BuildConfig) -> BuildSummary:
                if any(u.id not in writer.committed for u in every[n])]
     device = config.device or (str(state.device) if state is not None else
                                ("cuda" if torch.cuda.is_available() else "cpu"))
-    lower = LowerStack(loaded.model, config.layers, device=device)
+    pooled = tuple(meta.get("pooled_layers", ()))
+    lower = (PooledStack(loaded.model, config.layers, pooled, device=device) if pooled
+             else LowerStack(loaded.model, config.layers, device=device))
     todo = sum(u.id not in writer.committed for b in batches for u in b)
     shown = config.progress and (main or config.part is not None)
     bar = tqdm(total=todo_all if state is not None else todo, unit="utt", desc="caching",
@@ -288,10 +308,11 @@ def build_cache(config: BuildConfig) -> BuildSummary:
                 good.append((utterance, samples, info))
             if good:
                 states = lower([samples for _, samples, _ in good])
-                for (utterance, _, info), hidden in zip(good, states):
+                states, stats = states if pooled else (states, [None] * len(good))
+                for (utterance, _, info), hidden, stat in zip(good, states, stats):
                     if utterance.id in writer.committed:
                         continue
-                    writer.add({"id": utterance.id, **info}, to_storage(hidden, config.dtype))
+                    writer.add({"id": utterance.id, **info}, to_storage(hidden, config.dtype), stat)
                     summary.cached += 1
                     summary.audio_hours += info["seconds"] / 3600
                     bar.update(1)

@@ -107,6 +107,8 @@ def verify_reader(reader: CacheReader) -> VerifyReport:
     for uid in reader.ids:
         try:
             reader.read_raw(uid)
+            if reader.pooled_layers:
+                reader.pooled(uid)
         except StoreCorrupt as err:
             report.problems.append(str(err).replace(f"{reader.location}: ", "", 1))
             report.damaged.append(uid)

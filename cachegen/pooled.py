@@ -1,8 +1,8 @@
 """Every layer of the encoder, one at a time, and each utterance's pooled statistics of them.
 
 `each_layer` walks transformers' `hidden_states` in order (index i = the output of layer i,
-0 = the input of the first layer, N after the final layer norm of stable-layer-norm models)
-without keeping them all. The build (`--pooled-layers`) stores per utterance the mean and the
+0 = the input of the first layer; for stable-layer-norm models transformers' hidden_states[N],
+like a store at L = N, is before the final layer norm) without keeping them all. The build (`--pooled-layers`) stores per utterance the mean and the
 standard deviation over frames of the chosen layers; `ser analyze` compares layers with it.
 """
 
@@ -13,21 +13,17 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .lower import embed, finish, run_layers
+from .lower import embed, run_layers
 
 
-def each_layer(model, hidden: torch.Tensor, mask: torch.Tensor, *, first: int = 0,
-               final_norm: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (i, (B, T, D) hidden_states[i]) for i = first..N, from `hidden` = hidden_states[first].
-
-    `final_norm=False` yields layer N before the final layer norm of stable-layer-norm models
-    (what a store at L = N holds)."""
+def each_layer(model, hidden: torch.Tensor, mask: torch.Tensor, *,
+               first: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (i, (B, T, D) hidden_states[i]) for i = first..N, from `hidden` = hidden_states[first]."""
     layers = model.encoder.layers
-    count = model.config.num_hidden_layers
-    for index in range(first, count + 1):
+    for index in range(first, model.config.num_hidden_layers + 1):
         if index > first:
             hidden = run_layers(model.config, layers[index - 1:index], hidden, mask)
-        yield index, finish(model, hidden) if index == count and final_norm else hidden
+        yield index, hidden
 
 
 def parse_pooled_layers(value: str | None, num_layers: int) -> tuple[int, ...]:
@@ -71,14 +67,11 @@ class PooledStack:
         states: list[torch.Tensor] = []
         stats = np.zeros((len(tensors), len(self.pooled), 2, hidden.shape[-1]), np.float32)
         last = max(self.pooled + (self.layers,))
-        top = self.model.config.num_hidden_layers
-        for index, layer_hidden in each_layer(self.model, hidden, mask, final_norm=False):
-            if index == self.layers:  # what the store keeps: never the final norm (see lower.py)
+        for index, layer_hidden in each_layer(self.model, hidden, mask):
+            if index == self.layers:
                 states = [layer_hidden[i, :n].float().cpu() for i, n in enumerate(counts)]
             if index in self.pooled:
                 slot = self.pooled.index(index)
-                if index == top:  # transformers' hidden_states[N]
-                    layer_hidden = finish(self.model, layer_hidden)
                 for i, n in enumerate(counts):
                     frames = layer_hidden[i, :n].double()  # (T, D)
                     stats[i, slot, 0] = frames.mean(0).cpu().numpy()

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -28,14 +29,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import SerError, StoreCorrupt, StoreError, UnsafeInput
-from .store import (ALLOWED_CODECS, FORMAT, FORMAT_VERSION, INDEX_SCHEMA, STORAGE_DTYPES,
-                    _quiet_zarr, checksum, from_storage, write_atomic)
+from .store import (ALLOWED_CODECS, FORMAT, FORMAT_VERSION, INDEX_SCHEMA, POOLED_CRC, STORAGE_DTYPES,
+                    _quiet_zarr, checksum, from_storage, pooled_shape, write_atomic)
 
 log = logging.getLogger(__name__)
 
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|::")  # an fsspec URL, chained ones included
 EXTRAS = {"http": "http", "https": "http", "s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs"}
-ROOT, ARRAY = "zarr.json", "states"
+ROOT, ARRAY, POOLED = "zarr.json", "states", "pooled"
 
 
 # --- sources: the bytes of a store's keys, one class per place a store can live ---------------
@@ -578,15 +579,25 @@ class CacheReader:
         self.meta: dict = meta
         self.dtype: str = meta["dtype"]
         self.store = SourceStore(self.source)
-        self.states = zarr.open_group(self.store, mode="r", zarr_format=3,
-                                      use_consolidated=True)[ARRAY]
+        group = zarr.open_group(self.store, mode="r", zarr_format=3, use_consolidated=True)
+        self.states = group[ARRAY]
+        self.pooled_layers: list[int] = list(meta.get("pooled_layers") or [])
+        self.pooled_array = None
+        if self.pooled_layers:
+            expected = math.prod(pooled_shape(meta))
+            node = consolidated.get(POOLED) or {}
+            if node.get("data_type") != "float32" or node.get("shape", [0, 0])[1:] != [expected]:
+                raise StoreCorrupt(f"{location}: metadata lists pooled layers {self.pooled_layers} "
+                                   f"but the 'pooled' array is missing or not (utterances, {expected}) float32")
+            self.pooled_array = group[POOLED]
         index = self._parquet("index.parquet")
         if index is None:
             raise StoreError(f"{location}: index.parquet is missing: the build was interrupted "
                              "before its first commit was finalised; rerun `ser cache build`")
         self.index: pa.Table = index
         self._layout = _coalescible(consolidated[ARRAY]) if self.source.kind == "fsspec" else None
-        missing = [f.name for f in INDEX_SCHEMA if self.index.schema.get_field_index(f.name) < 0
+        expected_fields = list(INDEX_SCHEMA) + ([POOLED_CRC] if self.pooled_layers else [])
+        missing = [f.name for f in expected_fields if self.index.schema.get_field_index(f.name) < 0
                    or not self.index.schema.field(f.name).type.equals(f.type)]
         if missing:
             raise StoreCorrupt(f"{location}: index.parquet lacks column(s) {', '.join(missing)} "
@@ -598,6 +609,7 @@ class CacheReader:
         self.ids: list[str] = columns["id"]
         self._rows = {uid: (start, frames, crc) for uid, start, frames, crc in
                       zip(columns["id"], columns["start"], columns["frames"], columns["crc32"])}
+        self._pooled_crc = dict(zip(columns["id"], columns.get(POOLED_CRC.name) or []))
 
     def _parquet(self, key: str) -> pa.Table | None:
         data = read_key(self.source, key)
@@ -657,6 +669,32 @@ class CacheReader:
         if requests:
             sync(gather())
 
+    def pooled(self, uid: str) -> np.ndarray:
+        """(layers, 2, hidden) float32 mean and std over frames of `uid`'s hidden states at
+        each of `pooled_layers`, checked against its checksum.
+
+        Raises:
+            StoreError: the store was built without --pooled-layers.
+            StoreCorrupt: the row fails its checksum.
+        """
+        if self.pooled_array is None:
+            raise StoreError(f"{self.location}: holds no pooled statistics; build it with "
+                             "`ser cache build ... --pooled-layers all`")
+        if uid not in self._rows:
+            raise KeyError(f"{uid!r} is not in store {self.location}")
+        start = self._rows[uid][0]
+        try:
+            row = self.pooled_array[start // self.meta["chunk_frames"]]
+        except StoreError:
+            raise
+        except Exception as err:
+            raise StoreCorrupt(f"{self.location}: pooled statistics of '{uid}' cannot be read "
+                               f"({err}); run `ser cache verify`") from None
+        if checksum(row) != self._pooled_crc[uid]:
+            raise StoreCorrupt(f"{self.location}: pooled statistics of '{uid}' fail their checksum "
+                               "(damaged or missing chunk); run `ser cache verify` and rebuild the store")
+        return row.reshape(pooled_shape(self.meta))
+
     def __getitem__(self, uid: str) -> np.ndarray:
         """(frames, hidden) states of `uid` (float16/float32 as stored; bfloat16 as float32)."""
         return from_storage(self.read_raw(uid), self.dtype)
@@ -664,15 +702,20 @@ class CacheReader:
     def shard_keys(self, uids=None) -> list[str]:
         """The shard files holding `uids` (default: every utterance), in grid order."""
         rows_per_file = self.states.metadata.chunk_grid.chunk_shape[0]
-        numbers = set()
+        numbers, pooled = set(), set()
         for uid in self.ids if uids is None else uids:
             start, frames, _ = self._rows[uid]
             numbers.update(range(start // rows_per_file, (start + max(frames, 1) - 1) // rows_per_file + 1))
-        return [f"{ARRAY}/{self.states.metadata.encode_chunk_key((n, 0))}" for n in sorted(numbers)]
+            pooled.add(start // rows_per_file)  # pooled shard k holds the utterances starting in states shard k
+        keys = [f"{ARRAY}/{self.states.metadata.encode_chunk_key((n, 0))}" for n in sorted(numbers)]
+        if self.pooled_array is not None:
+            keys += [f"{POOLED}/{self.pooled_array.metadata.encode_chunk_key((n, 0))}" for n in sorted(pooled)]
+        return keys
 
     def keys(self) -> list[str]:
         """Every file of the store, named by the store itself (no listing): metadata first."""
         keys = [ROOT, f"{ARRAY}/zarr.json", "index.parquet"]
+        keys += [f"{POOLED}/zarr.json"] if self.pooled_array is not None else []
         keys += ["manifest.parquet"] if self.has_manifest else []
         return keys + self.shard_keys()
 

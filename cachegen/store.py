@@ -5,7 +5,9 @@ Layout (docs/cache-format.md has the full description):
     states/            (capacity, hidden) array, sharded: shard files of `shard_frames` rows,
                        inner chunks of `chunk_frames` rows; every utterance starts on an inner
                        chunk and never crosses a shard (unless longer than one)
-    index.parquet      id, start, frames, seconds, source_rate, audio_sha256, crc32
+    pooled/            (slots, values) float32, only with --pooled-layers: per utterance the
+                       mean and std over frames of each pooled layer, in slot start // chunk_frames
+    index.parquet      id, start, frames, seconds, source_rate, audio_sha256, crc32[, pooled_crc32]
     manifest.parquet   the manifest's columns (labels for convenience; states never use them)
     _building/         commit records of a build in progress (gone once finalised)
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -35,11 +38,22 @@ ALLOWED_CODECS = {"sharding_indexed", "bytes", "blosc", "zstd", "gzip", "crc32c"
 # Fields that decide whether an existing store can be resumed or trained from.
 FINGERPRINT = ("format_version", "model_sha256", "model_config_sha256", "model_type", "layers",
                "num_hidden_layers", "hidden_size", "do_stable_layer_norm", "dtype", "preprocessing",
-               "sample_rate")
+               "sample_rate", "pooled_layers")
 INDEX_SCHEMA = pa.schema([
     ("id", pa.string()), ("start", pa.int64()), ("frames", pa.int64()), ("seconds", pa.float64()),
     ("source_rate", pa.int64()), ("audio_sha256", pa.string()), ("crc32", pa.int64()),
 ])
+# Stores with pooled statistics (`pooled_layers` in the metadata) add this column.
+POOLED_CRC = pa.field("pooled_crc32", pa.int64())
+
+
+def index_schema(meta: dict) -> pa.Schema:
+    return INDEX_SCHEMA.append(POOLED_CRC) if meta.get("pooled_layers") else INDEX_SCHEMA
+
+
+def pooled_shape(meta: dict) -> tuple[int, int, int]:
+    """(layers, 2, hidden): how a row of `pooled` reshapes (mean and std of each pooled layer)."""
+    return len(meta["pooled_layers"]), 2, meta["hidden_size"]
 
 
 def _quiet_zarr():
@@ -155,6 +169,17 @@ class StoreWriter:
             group = zarr.open_group(str(self.path), mode="r+")
         if "ser" not in group.attrs:
             group.attrs["ser"] = meta
+        self.pooled_values = math.prod(pooled_shape(meta)) if meta.get("pooled_layers") else 0
+        self.slots = self.shard_frames // self.chunk_frames  # pooled rows per shard
+        if self.pooled_values and "pooled" not in group:
+            try:  # one row per utterance, in slot start // chunk_frames; shards match the states'
+                group.create_array(
+                    "pooled", shape=(0, self.pooled_values), dtype="float32",
+                    chunks=(1, self.pooled_values), shards=(self.slots, self.pooled_values),
+                    compressors=[zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")],
+                    fill_value=0, dimension_names=["utterance", "statistic"])
+            except zarr.errors.ContainsArrayError:
+                pass
         if "states" not in group:
             try:
                 group.create_array(
@@ -167,6 +192,7 @@ class StoreWriter:
         (self.path / "_building").mkdir(exist_ok=True)
         self.group = zarr.open_group(str(self.path), mode="r+")
         self.states = self.group["states"]
+        self.pooled = self.group["pooled"] if self.pooled_values else None
         self.committed = load_index(self.path)
         first, last = writer * REGION, (writer + 1) * REGION
         mine = [r["start"] + aligned(r["frames"], self.chunk_frames) for r in self.committed.values()
@@ -174,17 +200,26 @@ class StoreWriter:
         self.next_shard = max(first, -(-max(mine, default=0) // self.shard_frames))
         self.region_end = last
         capacity = last * self.shard_frames
+        from zarr.core.sync import sync
         if self.states.shape[0] < capacity:  # this handle's view only grows; finalize sets the truth
-            from zarr.core.sync import sync
             sync(self.states.async_array.resize((capacity, self.hidden), delete_outside_chunks=False))
+        if self.pooled is not None and self.pooled.shape[0] < last * self.slots:
+            sync(self.pooled.async_array.resize((last * self.slots, self.pooled_values),
+                                                delete_outside_chunks=False))
         self.buffer = None
         self.pending: list[dict] = []
         self.cursor = 0
         self.io = ThreadPoolExecutor(max_workers=1)
         self.in_flight: Future | None = None
 
-    def add(self, record: dict, states: np.ndarray) -> None:
-        """Queue one utterance's (frames, hidden) states; `record` holds its index fields."""
+    def add(self, record: dict, states: np.ndarray, pooled: np.ndarray | None = None) -> None:
+        """Queue one utterance's (frames, hidden) states; `record` holds its index fields;
+        `pooled` its (layers, 2, hidden) statistics when the store keeps them."""
+        if self.pooled is not None:
+            if pooled is None or pooled.size != self.pooled_values:
+                raise StoreError(f"{self.path}: utterance '{record['id']}' needs pooled statistics "
+                                 f"of {self.pooled_values} values")
+            record = {**record, "_pooled": np.ascontiguousarray(pooled, np.float32).reshape(-1)}
         frames = states.shape[0]
         size = aligned(frames, self.chunk_frames)
         if size > self.shard_frames:  # a very long utterance gets whole shards of its own
@@ -224,7 +259,14 @@ class StoreWriter:
         if end > self.region_end * self.shard_frames:
             raise StoreError(f"{self.path}: writer region full ({REGION} shards)")
         self.states[first:end] = buffer
-        table = pa.Table.from_pylist(records, schema=INDEX_SCHEMA)
+        if self.pooled is not None:  # before the commit record, like the states
+            shard = first // self.shard_frames
+            rows = np.zeros((self.slots, self.pooled_values), np.float32)
+            for r in records:
+                rows[r["start"] // self.chunk_frames - shard * self.slots] = r["_pooled"]
+                r["pooled_crc32"] = checksum(r.pop("_pooled"))
+            self.pooled[shard * self.slots:(shard + 1) * self.slots] = rows
+        table = pa.Table.from_pylist(records, schema=index_schema(self.meta))
         # the record count in the name lets a progress bar count commits without reading them
         name = f"shard-{first // self.shard_frames:012d}-n{len(records)}.parquet"
         write_atomic(self.path / "_building" / name, parquet_bytes(table))
@@ -248,11 +290,14 @@ class StoreWriter:
         rows = sorted(self.committed.values(), key=lambda r: r["start"])
         used = max((r["start"] + r["frames"] for r in rows), default=0)
         sync(self.states.async_array.resize((used, self.hidden), delete_outside_chunks=False))
+        if self.pooled is not None:
+            sync(self.pooled.async_array.resize((-(-used // self.chunk_frames), self.pooled_values),
+                                                delete_outside_chunks=False))
         self.group.attrs["ser"] = {**self.meta, **extra_meta}
         # the shape first, the index after: a kill in between leaves an old index inside a
         # larger array (still valid), never a new index beyond an old shape
         zarr.consolidate_metadata(str(self.path))
-        index = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+        index = pa.Table.from_pylist(rows, schema=index_schema(self.meta))
         write_atomic(self.path / "index.parquet", parquet_bytes(index))
         if table is not None:
             write_atomic(self.path / "manifest.parquet", parquet_bytes(table))

@@ -145,3 +145,127 @@ def test_analysis_never_writes_into_a_run_or_reads_a_non_run(partial_run, tmp_pa
     (tmp_path / "empty").mkdir()
     not_a_run = run_cli("analyze", "change", tmp_path / "empty", "--out", tmp_path / "o")
     assert not_a_run.exit_code == 1 and "not a ser run" in not_a_run.stderr
+
+
+# --- pooled statistics in the store (ser cache build --pooled-layers) ------------------------------
+
+def build_pooled(manifest, model, out, **options):
+    from cachegen.build import BuildConfig, build_cache
+
+    settings = dict(manifest=str(manifest), out=str(out), model=model, layers=2, dtype="float32",
+                    batch_size=3, pooled_layers="all", progress=False)
+    settings.update(options)
+    summary = build_cache(BuildConfig(**settings))
+    assert not summary.failed
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def pooled_store(tiny_model, corpus, tmp_path_factory):
+    return build_pooled(corpus, tiny_model, tmp_path_factory.mktemp("pooled") / "p.zarr")
+
+
+@pytest.mark.parametrize("variant", ["tiny_model", "stable_model"])
+def test_pooled_statistics_equal_numpy_of_stored_states_and_of_transformers(variant, corpus, tmp_path, request):
+    from cachegen import open_cache
+    from test_equivalence import all_reference_states  # transformers alone, one utterance at a time
+
+    model_dir = request.getfixturevalue(variant)
+    store = build_pooled(corpus, model_dir, tmp_path / "p.zarr", layers=4 if variant == "stable_model" else 2)
+    reader = open_cache(store)
+    layer = reader.meta["layers"]
+    assert reader.pooled_layers == [0, 1, 2, 3, 4]
+    reference = all_reference_states(model_dir, corpus)
+    for uid in reader.ids:
+        pooled = reader.pooled(uid)  # (layers, 2, hidden)
+        assert pooled.shape == (5, 2, 32) and pooled.dtype == np.float32
+        stored = reader[uid].astype(np.float64)
+        np.testing.assert_allclose(pooled[layer, 0], stored.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(pooled[layer, 1], stored.std(0), rtol=1e-5, atol=1e-6)
+        for index, states in enumerate(reference[uid]):
+            scale = np.abs(states).max()
+            assert np.abs(pooled[index, 0] - states.mean(0)).max() < 1e-4 * scale, (uid, index)
+            assert np.abs(pooled[index, 1] - states.std(0)).max() < 1e-4 * scale, (uid, index)
+
+
+def test_pooled_store_reads_with_zarr_and_pyarrow_alone(pooled_store):
+    import pyarrow.parquet as pq
+    import zarr
+    import zlib
+
+    from cachegen import open_cache
+
+    group = zarr.open_group(zarr.storage.LocalStore(pooled_store, read_only=True), mode="r",
+                            use_consolidated=True)
+    meta = group.attrs["ser"]
+    index = pq.read_table(f"{pooled_store}/index.parquet").to_pylist()
+    reader = open_cache(pooled_store)
+    for row in index:
+        raw = group["pooled"][row["start"] // meta["chunk_frames"]]
+        assert zlib.crc32(raw.astype("<f4").tobytes()) == row["pooled_crc32"]
+        values = raw.reshape(len(meta["pooled_layers"]), 2, meta["hidden_size"])
+        np.testing.assert_array_equal(values, reader.pooled(row["id"]))
+    assert group["pooled"].shape[0] == -(-max(r["start"] + r["frames"] for r in index) // meta["chunk_frames"])
+
+
+def test_pooled_build_resumes_to_the_same_bytes_and_is_refused_on_a_plain_store(tiny_model, corpus, tmp_path, pooled_store):
+    import pyarrow.csv as pacsv
+
+    from cachegen import open_cache
+
+    table = pacsv.read_csv(corpus)
+    half = tmp_path / "half.csv"
+    pacsv.write_csv(table.slice(0, 10), half)
+    resumed = tmp_path / "r.zarr"
+    build_pooled(half, tiny_model, resumed, audio_root=str(tmp_path.parent / "corpus0"))
+    first = {uid: open_cache(resumed).pooled(uid).tobytes() for uid in open_cache(resumed).ids}
+    result = run_cli("cache", "build", corpus, "--model", tiny_model, "--layers", 2, "--dtype", "float32",
+                     "--batch-size", 3, "--pooled-layers", "all", "--out", resumed, "--no-progress")
+    assert result.exit_code == 0 and "10 were already cached" in result.output
+    whole, again = open_cache(pooled_store), open_cache(resumed)
+    assert sorted(whole.ids) == sorted(again.ids)
+    for uid in whole.ids:  # other batches than the whole build: equal up to float rounding
+        np.testing.assert_allclose(again.pooled(uid), whole.pooled(uid), rtol=1e-5, atol=1e-6)
+    assert {uid: again.pooled(uid).tobytes() for uid in first} == first  # kept, not recomputed
+    assert run_cli("cache", "verify", resumed).exit_code == 0
+    plain = tmp_path / "plain.zarr"
+    assert run_cli("cache", "build", corpus, "--model", tiny_model, "--layers", 2, "--out", plain,
+                   "--no-progress").exit_code == 0
+    refused = run_cli("cache", "build", corpus, "--model", tiny_model, "--layers", 2, "--out", plain,
+                      "--pooled-layers", "all", "--no-progress")
+    assert refused.exit_code == 1 and "pooled_layers: store has None" in refused.stderr
+    with pytest.raises(Exception, match="no pooled statistics"):
+        open_cache(plain).pooled(open_cache(plain).ids[0])
+
+
+def test_damaged_pooled_chunk_is_found_by_verify_and_the_copy_carries_pooled(pooled_store, tmp_path):
+    import shutil
+
+    from cachegen import open_cache
+    from cachegen.errors import StoreCorrupt
+
+    packed = tmp_path / "p.zip"
+    assert run_cli("cache", "pack", pooled_store, packed).exit_code == 0
+    zipped, original = open_cache(packed), open_cache(pooled_store)
+    for uid in original.ids:
+        assert zipped.pooled(uid).tobytes() == original.pooled(uid).tobytes()
+    damaged = tmp_path / "d.zarr"
+    shutil.copytree(pooled_store, damaged)
+    shard = damaged / "pooled" / "c" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0xFF  # inside the first utterance's row, size unchanged
+    shard.write_bytes(bytes(data))
+    result = run_cli("cache", "verify", damaged)
+    assert result.exit_code == 1 and "pooled statistics of" in result.stderr
+    reader = open_cache(damaged)
+    first = min(reader.ids, key=lambda uid: reader._rows[uid][0])
+    with pytest.raises(StoreCorrupt, match=first):
+        reader.pooled(first)
+
+
+@pytest.mark.parametrize("value, message", [("9", "layers must lie in 0..4"), ("two", "expected 'all'")])
+def test_bad_pooled_layers_are_one_line_errors(tiny_model, corpus, tmp_path, value, message):
+    result = run_cli("cache", "build", corpus, "--model", tiny_model, "--layers", 2, "--out",
+                     tmp_path / "s.zarr", "--pooled-layers", value, "--no-progress")
+    assert result.exit_code == 1 and message in result.stderr and "--pooled-layers" in result.stderr
+    assert not (tmp_path / "s.zarr").exists()
