@@ -341,6 +341,40 @@ def analyze_change_command(no_progress, **options):
     click.echo(f"written: {options['out']}/change.csv, change.json, change.png")
 
 
+@analyze.command("probe")
+@click.argument("source")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for probe.csv, probe.json, probe.png.")
+@click.option("--model", default=None, help="Model to run on a manifest's audio (default "
+              "facebook/wav2vec2-base); with a store, checked against the store's weights.")
+@click.option("--targets", default="activation,valence,dominance", show_default=True,
+              help="Label columns to probe, comma-separated.")
+@click.option("--labels", default=None, type=click.Path(dir_okay=False),
+              help="Labels table (CSV/Parquet: id, targets, split) instead of the source's.")
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--dev-split", default="dev", show_default=True)
+@click.option("--weighted-sum", is_flag=True,
+              help="Also train a learnable weighted sum of layers + head (SUPERB-style baseline).")
+@click.option("--epochs", default=200, show_default=True, help="Full-batch epochs of --weighted-sum.")
+@click.option("--lr", default=1e-2, show_default=True, help="Learning rate of --weighted-sum.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--batch-size", default=8, show_default=True, help="Utterances per model run (manifest).")
+@click.option("--device", default=None)
+@click.option("--cache-dir", default=None, help="Keep a local copy of remote store files here.")
+@click.option("--audio-root", default=None, type=click.Path(file_okay=False))
+@click.option("--no-progress", is_flag=True)
+def analyze_probe_command(targets, no_progress, **options):
+    """What each layer knows: a ridge probe per layer on pooled statistics, dev CCC; suggests K.
+
+    SOURCE is a store built with --pooled-layers, or a manifest (statistics computed here)."""
+    from headtrain.analyze import ProbeConfig, analyze_probe, probe_text
+
+    result = analyze_probe(ProbeConfig(targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+                                       **options), progress=not no_progress)
+    click.echo(probe_text(result))
+    click.echo(f"written: {options['out']}/probe.csv, probe.json, probe.png")
+
+
 @main.group()
 def prepare() -> None:
     """Turn a downloaded corpus into a manifest (id, path, split, labels)."""

@@ -372,3 +372,280 @@ def plot_change(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# --- ser analyze probe ----------------------------------------------------------------------------
+
+ALPHAS = np.logspace(-3, 5, 17)  # ridge penalties tried per layer and target (standardised features)
+
+
+def ridge_probe(train_x: np.ndarray, train_y: np.ndarray, dev_x: np.ndarray) -> np.ndarray:
+    """Ridge regression on standardised features, the penalty chosen per target by its exact
+    leave-one-out error on the training rows (no dev data); returns dev predictions.
+
+    train_x: (n, p), train_y: (n, targets), dev_x: (m, p) -> (m, targets) on train_y's scale.
+    """
+    mean, std = train_x.mean(0), train_x.std(0)
+    std = np.where(std > 1e-12 * max(1.0, np.abs(mean).max()), std, np.inf)  # constant: no signal
+    x, dev = (train_x - mean) / std, (dev_x - mean) / std
+    y_mean = train_y.mean(0)
+    y = train_y - y_mean
+    u, s, vt = np.linalg.svd(x, full_matrices=False)  # x = u diag(s) vt
+    uty = u.T @ y  # (r, targets)
+    best = np.full(y.shape[1], np.inf)
+    coef = np.zeros((x.shape[1], y.shape[1]))
+    for alpha in ALPHAS:
+        shrink = s / (s ** 2 + alpha)  # (r,)
+        fitted = u @ (s[:, None] * shrink[:, None] * uty)  # (n, targets)
+        leverage = (u ** 2) @ (s * shrink) + 1 / len(x)  # diag of the hat matrix, intercept included
+        loo = ((y - fitted) / np.clip(1 - leverage, 1e-9, None)[:, None]) ** 2
+        error = loo.mean(0)
+        better = error < best
+        best[better] = error[better]
+        coef[:, better] = (vt.T @ (shrink[:, None] * uty))[:, better]
+    return dev @ coef + y_mean
+
+
+def source_kind(location: str) -> str:
+    """'manifest' for a CSV/Parquet file, 'store' for anything else (folder, .zip, URL)."""
+    from cachegen.reader import URL
+
+    is_table = Path(location).suffix.lower() in (".csv", ".parquet", ".pq")
+    return "manifest" if is_table and not URL.search(location) and Path(location).is_file() else "store"
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Options of `ser analyze probe`; checked by `validate` before any work starts."""
+    source: str  # a store built with --pooled-layers, or a manifest (statistics computed here)
+    out: str
+    model: str | None = None  # default: the store's model; facebook/wav2vec2-base for a manifest
+    targets: tuple[str, ...] = ("activation", "valence", "dominance")
+    labels: str | None = None
+    train_split: str = "train"
+    dev_split: str = "dev"
+    weighted_sum: bool = False  # also train a learnable weighted sum of layers + head
+    epochs: int = 200  # of the weighted-sum head (full batch)
+    lr: float = 1e-2
+    seed: int = 0
+    batch_size: int = 8  # of the model run on audio (manifest)
+    device: str | None = None
+    cache_dir: str | None = None
+    audio_root: str | None = None
+
+    def validate(self) -> None:
+        if not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"--targets {','.join(self.targets)}: name each label column once")
+        if self.train_split == self.dev_split:
+            raise ConfigError(f"--train-split and --dev-split are both '{self.train_split}'")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr {self.lr}: must be positive")
+        if self.device and self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {self.device}: CUDA is not available on this machine")
+        check_out(self.out)
+
+
+def pooled_from_store(config: ProbeConfig):
+    """(ids, (n, layers, 2, D) features, pooled layer numbers, N, labels table, its name)."""
+    from cachegen import open_cache
+
+    from .labels import drop_failed
+
+    reader = open_cache(config.source, cache_dir=config.cache_dir)
+    if not reader.pooled_layers:
+        raise ConfigError(f"{config.source}: holds no pooled statistics; rebuild it with `ser cache "
+                          "build ... --pooled-layers all`, or probe the manifest with --model")
+    if config.model:
+        from cachegen.model import load_model
+
+        from .train import check_store_matches
+        check_store_matches(reader.location, reader.meta, load_model(config.model))
+    features = {uid: reader.pooled(uid) for uid in reader.ids}
+    table = drop_failed(reader.table, reader.meta)
+    return features, reader.pooled_layers, reader.meta["num_hidden_layers"], table, \
+        f"{config.source} (manifest table)"
+
+
+@torch.inference_mode()
+def pooled_from_audio(config: ProbeConfig, wanted: set[str], *, progress: bool):
+    """Statistics of every layer computed from the manifest's audio with `config.model`."""
+    from tqdm import tqdm
+
+    from cachegen.build import batches_in_order, decode
+    from cachegen.audio import audio_seconds
+    from cachegen.errors import AudioError
+    from cachegen.manifest import load_manifest
+    from cachegen.model import DEFAULT_MODEL, load_model
+    from cachegen.pooled import PooledStack
+
+    manifest = load_manifest(config.source, audio_root=config.audio_root)
+    loaded = load_model(config.model or DEFAULT_MODEL)
+    layers = loaded.num_layers
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    stack = PooledStack(loaded.model, 0, tuple(range(layers + 1)), device=device)
+    utterances = [u for u in manifest.utterances if u.id in wanted]
+    seconds = {u.id: audio_seconds(u.path) for u in utterances}
+    features = {}
+    bar = tqdm(total=len(utterances), unit="utt", desc="pooling", disable=not progress, dynamic_ncols=True)
+    for batch in batches_in_order(utterances, seconds, config.batch_size):
+        decoded = [(u, decode(u, loaded.feature_extractor, loaded.receptive_field)) for u in batch]
+        failed = [(u, samples) for u, (samples, info) in decoded if info is None]
+        if failed:
+            raise AudioError(f"{failed[0][1]} (and {len(failed) - 1} more)" if len(failed) > 1
+                             else str(failed[0][1]))
+        _, stats = stack([samples for _, (samples, _) in decoded])
+        features.update({u.id: s for u, s in zip(batch, stats)})
+        bar.update(len(batch))
+    bar.close()
+    return features, list(range(layers + 1)), layers, manifest.table, config.source
+
+
+def analyze_probe(config: ProbeConfig, *, progress: bool = True) -> dict:
+    """Per pooled layer, a ridge probe on [mean, std] over frames (train split) scored by dev CCC
+    per target; optionally a learnable weighted sum of layers + head. Writes probe.csv,
+    probe.json, probe.png into `config.out`; returns the JSON.
+
+    Raises:
+        ConfigError, ManifestError: bad options, labels or splits, named.
+    """
+    from .labels import load_splits, read_labels
+    from .metrics import target_metrics
+    from .run import write_json
+
+    config.validate()
+    targets = list(config.targets)
+    if source_kind(config.source) == "store":
+        features, layers, count, table, table_name = pooled_from_store(config)
+    else:
+        from cachegen.manifest import load_manifest
+
+        table, table_name = load_manifest(config.source, audio_root=config.audio_root).table, config.source
+        features = None
+    if config.labels:
+        table, table_name = read_labels(config.labels), config.labels
+    if features is None:
+        wanted = set(table.column("id").to_pylist()) if "id" in table.column_names else set()
+        features, layers, count, _, _ = pooled_from_audio(config, wanted, progress=progress)
+    splits = load_splits(table, source=table_name, targets=targets,
+                         splits=[config.train_split, config.dev_split], available=set(features),
+                         label_range=None)
+    train_split, dev_split = splits[config.train_split], splits[config.dev_split]
+    train_x = np.stack([features[uid] for uid in train_split.ids]).astype(np.float64)  # (n, layers, 2, D)
+    dev_x = np.stack([features[uid] for uid in dev_split.ids]).astype(np.float64)
+    rows = []
+    for k, layer in enumerate(layers):
+        pred = ridge_probe(train_x[:, k].reshape(len(train_x), -1), train_split.targets,
+                           dev_x[:, k].reshape(len(dev_x), -1))
+        metrics = target_metrics(pred, dev_split.targets, targets)
+        rows.append({"layer": layer, **{f"{t}_ccc": metrics[t]["ccc"] for t in targets},
+                     "mean_ccc": float(np.mean([metrics[t]["ccc"] for t in targets]))})
+    best = max(rows, key=lambda r: (r["mean_ccc"], -r["layer"]))
+    result = {
+        "source": config.source, "num_hidden_layers": count, "targets": targets,
+        "train_utterances": len(train_split.ids), "dev_utterances": len(dev_split.ids),
+        "probe": "ridge on [mean, std] over frames, standardised; penalty by leave-one-out on train",
+        "layers": rows, "best_layer": best["layer"],
+        "suggested_top_layers": max(1, count - best["layer"]),
+    }
+    if config.weighted_sum:
+        result["weighted_sum"] = train_weighted_sum(train_x[:, :, 0], train_split.targets,
+                                                    dev_x[:, :, 0], dev_split.targets, targets,
+                                                    layers=layers, config=config)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(result, out / "probe.json")
+    write_rows(rows, out / "probe.csv")
+    plot_probe(result, str(out / "probe.png"))
+    return result
+
+
+class WeightedSumHead(torch.nn.Module):
+    """SUPERB's learnable weighted sum of layers, then the regression head of `ser train`.
+
+    Mean pooling is linear, so the weighted sum of the layers' pooled means equals mean pooling
+    of the weighted sum of their frame states: no frames need to be stored."""
+
+    def __init__(self, layers: int, hidden: int, targets: int):
+        super().__init__()
+        from .upper import Head
+
+        self.layer_logits = torch.nn.Parameter(torch.zeros(layers))
+        self.head = Head(hidden, targets, dropout=0.0)
+
+    def forward(self, means: torch.Tensor) -> torch.Tensor:
+        """means: (B, layers, D) pooled means -> (B, targets)."""
+        mixed = (torch.softmax(self.layer_logits, 0)[None, :, None] * means).sum(1)  # (B, D)
+        return self.head(mixed[:, None, :], torch.ones(len(mixed), 1, dtype=torch.bool))
+
+
+def train_weighted_sum(train_means: np.ndarray, train_y: np.ndarray, dev_means: np.ndarray,
+                       dev_y: np.ndarray, targets: list[str], *, layers: list[int],
+                       config: ProbeConfig) -> dict:
+    """Full-batch AdamW on the CCC loss of standardised targets; returns dev metrics and the
+    softmax layer weights after the last epoch."""
+    from .metrics import ccc_loss, target_metrics
+
+    torch.manual_seed(config.seed)
+    y_mean, y_std = train_y.mean(0), np.where(train_y.std(0) > 0, train_y.std(0), 1.0)
+    model = WeightedSumHead(len(layers), train_means.shape[-1], len(targets))
+    x = torch.as_tensor(train_means, dtype=torch.float32)
+    y = torch.as_tensor((train_y - y_mean) / y_std, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
+    model.train()
+    for _ in range(config.epochs):
+        optimizer.zero_grad()
+        ccc_loss(model(x), y).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        pred = model(torch.as_tensor(dev_means, dtype=torch.float32)).numpy() * y_std + y_mean
+        weights = torch.softmax(model.layer_logits, 0).tolist()
+    metrics = target_metrics(pred, dev_y, targets)
+    return {"dev": {t: metrics[t]["ccc"] for t in targets},
+            "mean_ccc": float(np.mean([metrics[t]["ccc"] for t in targets])),
+            "layer_weights": dict(zip(map(str, layers), weights)), "epochs": config.epochs}
+
+
+def probe_text(result: dict) -> str:
+    best = next(r for r in result["layers"] if r["layer"] == result["best_layer"])
+    text = (f"best layer {best['layer']} of {result['num_hidden_layers']} (mean dev CCC "
+            f"{best['mean_ccc']:.3f}); the {result['suggested_top_layers']} layer(s) above it are "
+            f"where finetuning should act: suggested --top-layers {result['suggested_top_layers']} "
+            f"(cache at most --layers {result['best_layer']}; compare with `ser analyze change`)")
+    if "weighted_sum" in result:
+        ws = result["weighted_sum"]
+        heaviest = max(ws["layer_weights"], key=ws["layer_weights"].get)
+        text += (f"; weighted sum of layers: mean dev CCC {ws['mean_ccc']:.3f}, heaviest layer "
+                 f"{heaviest} ({ws['layer_weights'][heaviest]:.2f})")
+    return text
+
+
+def plot_probe(result: dict, path: str) -> None:
+    """Dev CCC of each layer's probe per target (and the weighted sum's layer weights)."""
+    from .plots import _pyplot
+
+    plt = _pyplot()
+    rows = result["layers"]
+    panels = 2 if "weighted_sum" in result else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    ax = axes[0][0]
+    layers = [r["layer"] for r in rows]
+    for target in result["targets"]:
+        ax.plot(layers, [r[f"{target}_ccc"] for r in rows], "o-", label=target)
+    ax.plot(layers, [r["mean_ccc"] for r in rows], "k--", label="mean")
+    ax.axvline(result["best_layer"], color="k", linestyle=":")
+    ax.set_xticks(layers)
+    ax.set(xlabel="layer (0 = input of layer 1)", ylabel="dev CCC of a ridge probe",
+           title=f"probe per layer; best {result['best_layer']}, K = {result['suggested_top_layers']}")
+    ax.legend()
+    if panels == 2:
+        weights = result["weighted_sum"]["layer_weights"]
+        axes[0][1].bar([int(k) for k in weights], list(weights.values()), color="tab:green")
+        axes[0][1].set(xlabel="layer", ylabel="softmax weight",
+                       title=f"weighted sum: dev CCC {result['weighted_sum']['mean_ccc']:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

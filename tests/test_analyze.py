@@ -269,3 +269,132 @@ def test_bad_pooled_layers_are_one_line_errors(tiny_model, corpus, tmp_path, val
                      tmp_path / "s.zarr", "--pooled-layers", value, "--no-progress")
     assert result.exit_code == 1 and message in result.stderr and "--pooled-layers" in result.stderr
     assert not (tmp_path / "s.zarr").exists()
+
+
+# --- ser analyze probe -----------------------------------------------------------------------------
+
+def test_ridge_probe_ranks_the_layers_that_carry_the_target_first():
+    from headtrain.analyze import ridge_probe
+    from headtrain.metrics import ccc
+
+    rng = np.random.default_rng(0)
+    n, layers, width = 80, 6, 20
+    target = rng.normal(size=n)
+    features = rng.normal(size=(n, layers, width))
+    for layer, strength in ((2, 2.0), (4, 0.8)):  # only layers 2 and 4 carry the target
+        features[:, layer, :3] += strength * target[:, None] * rng.normal(size=3)
+    train, dev = slice(0, 60), slice(60, n)
+    scores = [ccc(ridge_probe(features[train, k], target[train, None], features[dev, k])[:, 0], target[dev])
+              for k in range(layers)]
+    assert sorted(range(layers), key=lambda k: -scores[k])[:2] == [2, 4]
+    assert scores[2] > 0.8 and max(scores[k] for k in (0, 1, 3, 5)) < 0.4
+    constant = ridge_probe(np.ones((60, 4)), target[train, None], np.ones((20, 4)))
+    assert np.allclose(constant, target[train].mean())  # no signal: the train mean
+
+
+@pytest.fixture(scope="module")
+def blind_top(tiny_model, tmp_path_factory):
+    """The tiny model with transformer layer 3's first layer norm scaled to 0: from layer 3 on,
+    every frame of every utterance is the same vector; layers 0..2 still see the audio."""
+    from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    model = Wav2Vec2Model.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.encoder.layers[2].layer_norm.weight.zero_()
+    out = tmp_path_factory.mktemp("blind") / "model"
+    model.save_pretrained(out)
+    Wav2Vec2FeatureExtractor.from_pretrained(tiny_model).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def probe_corpus(blind_top, tmp_path_factory):
+    """60 short utterances whose 'carried' label is a linear function of layer 1's pooled mean."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from cachegen import open_cache
+    from cachegen.testing import synth_corpus
+
+    root = tmp_path_factory.mktemp("probe")
+    manifest = synth_corpus(root / "c", utterances=60, seconds=(0.5, 1.0))
+    store = build_pooled(manifest, blind_top, root / "p.zarr", batch_size=8)
+    reader = open_cache(store)
+    direction = np.random.default_rng(5).normal(size=32)
+    carried = {uid: float(reader.pooled(uid)[1, 0] @ direction) for uid in reader.ids}
+    table = pacsv.read_csv(manifest)
+    table = table.append_column("carried", pa.array([carried[uid] for uid in table.column("id").to_pylist()]))
+    labels = root / "labels.csv"
+    pacsv.write_csv(table.select(["id", "split", "carried", "activation"]), labels)
+    return str(manifest), store, str(labels)
+
+
+def test_probe_on_a_corpus_where_only_lower_layers_carry_the_target_ranks_them_first(probe_corpus, blind_top, tmp_path):
+    manifest, store, labels = probe_corpus
+    result = run_cli("analyze", "probe", store, "--labels", labels, "--targets", "carried",
+                     "--out", tmp_path / "s", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "suggested --top-layers" in result.output
+    info = json.load(open(tmp_path / "s" / "probe.json"))
+    scores = {r["layer"]: r["carried_ccc"] for r in info["layers"]}
+    assert set(sorted(scores, key=lambda k: -scores[k])[:3]) == {0, 1, 2}
+    assert min(scores[k] for k in (0, 1, 2)) > max(scores[3], scores[4]) + 0.3
+    assert scores[1] > 0.8 and info["best_layer"] in (0, 1, 2)
+    assert info["suggested_top_layers"] == 4 - info["best_layer"]
+    assert open(tmp_path / "s" / "probe.png", "rb").read(4) == b"\x89PNG"
+    # from the audio with the model, no store: the same statistics, the same scores
+    from_audio = run_cli("analyze", "probe", manifest, "--model", blind_top, "--labels", labels,
+                         "--targets", "carried", "--out", tmp_path / "m", "--no-progress")
+    assert from_audio.exit_code == 0, from_audio.output
+    again = {r["layer"]: r["carried_ccc"] for r in json.load(open(tmp_path / "m" / "probe.json"))["layers"]}
+    assert [again[k] for k in (0, 1, 2)] == pytest.approx([scores[k] for k in (0, 1, 2)], abs=1e-3)
+
+
+def test_weighted_sum_of_layers_learns_to_weight_the_informative_layer():
+    from headtrain.analyze import ProbeConfig, train_weighted_sum
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(1)
+    n, layers, width = 120, 5, 8
+    target = rng.normal(size=(n, 1))
+    means = rng.normal(size=(n, layers, width))
+    means[:, 3] = target * rng.normal(size=width) + 0.05 * rng.normal(size=(n, width))  # only layer 3
+    result = train_weighted_sum(means[:90], target[:90], means[90:], target[90:], ["t"],
+                                layers=list(range(layers)),
+                                config=ProbeConfig(source="x", out="y", epochs=300, lr=1e-2))
+    weights = result["layer_weights"]
+    assert max(weights, key=weights.get) == "3" and sum(weights.values()) == pytest.approx(1.0)
+    assert result["dev"]["t"] > 0.8
+
+
+def test_probe_weighted_sum_cli_and_refusals(probe_corpus, built_store, tmp_path):
+    manifest, store, labels = probe_corpus
+    result = run_cli("analyze", "probe", store, "--labels", labels, "--targets", "carried,activation",
+                     "--weighted-sum", "--epochs", 50, "--out", tmp_path / "w", "--no-progress")
+    assert result.exit_code == 0 and "weighted sum of layers" in result.output
+    info = json.load(open(tmp_path / "w" / "probe.json"))
+    assert set(info["weighted_sum"]["layer_weights"]) == {"0", "1", "2", "3", "4"}
+    assert set(info["weighted_sum"]["dev"]) == {"carried", "activation"}
+    plain = run_cli("analyze", "probe", built_store, "--out", tmp_path / "x")
+    assert plain.exit_code == 1 and "--pooled-layers all" in plain.stderr
+    unknown = run_cli("analyze", "probe", store, "--targets", "nosuch", "--out", tmp_path / "y")
+    assert unknown.exit_code == 1 and "nosuch" in unknown.stderr
+    into_store = run_cli("analyze", "probe", store, "--labels", labels, "--targets", "carried", "--out", store)
+    assert into_store.exit_code == 1 and "holds a ser run or store" in into_store.stderr
+
+
+def test_store_claiming_pooled_statistics_it_lacks_is_refused(pooled_store, tmp_path):
+    import shutil
+
+    from cachegen import open_cache
+    from cachegen.errors import StoreCorrupt
+
+    for name, edit in (("missing", lambda c: c.pop("pooled")),
+                       ("short", lambda c: c["pooled"].update(shape=[c["pooled"]["shape"][0], 7]))):
+        copy = tmp_path / f"{name}.zarr"
+        shutil.copytree(pooled_store, copy)
+        root = json.loads((copy / "zarr.json").read_text())
+        edit(root["consolidated_metadata"]["metadata"])
+        (copy / "zarr.json").write_text(json.dumps(root))
+        with pytest.raises(StoreCorrupt, match="'pooled' array is missing or not"):
+            open_cache(copy)
