@@ -30,6 +30,7 @@ def store_info(location: str, *, cache_dir: str | None = None) -> dict:
             "created": meta.get("created"), "updated": meta.get("updated"),
             "versions": meta.get("versions", {}), "format_version": meta["format_version"],
             "manifest_columns": reader.table.column_names,
+            "pooled_layers": reader.pooled_layers,
             "splits": _splits(reader.table),
         }
 
@@ -57,6 +58,8 @@ def format_info(info: dict) -> str:
         f"complete:     {'yes' if info['complete'] else 'no: rerun `ser cache build` to finish'}",
         f"built:        {info['created']} (updated {info['updated']}); {versions}",
         f"columns:      {', '.join(info['manifest_columns'])}",
+        "pooled:       " + (f"mean and std of layers {', '.join(map(str, info['pooled_layers']))}"
+                             if info["pooled_layers"] else "none (build with --pooled-layers for `ser analyze probe`)"),
         f"failed:       {len(info['failed'])}",
     ]
     lines += [f"  {f['id']}: {f['error']}" for f in info["failed"][:20]]

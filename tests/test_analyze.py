@@ -206,6 +206,8 @@ def test_pooled_store_reads_with_zarr_and_pyarrow_alone(pooled_store):
         values = raw.reshape(len(meta["pooled_layers"]), 2, meta["hidden_size"])
         np.testing.assert_array_equal(values, reader.pooled(row["id"]))
     assert group["pooled"].shape[0] == -(-max(r["start"] + r["frames"] for r in index) // meta["chunk_frames"])
+    info = run_cli("cache", "info", pooled_store)
+    assert info.exit_code == 0 and "mean and std of layers 0, 1, 2, 3, 4" in info.output
 
 
 def test_pooled_build_resumes_to_the_same_bytes_and_is_refused_on_a_plain_store(tiny_model, corpus, tmp_path, pooled_store):
