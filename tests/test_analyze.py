@@ -11,8 +11,17 @@ from headtrain import TrainConfig, train
 from headtrain.analyze import ChangeConfig, analyze_change, linear_cka, recommend_cache_layer, LinearCKA
 from conftest import run_cli
 
-torch.set_num_threads(1)
 TARGETS = ("activation", "valence", "dominance")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread here (2 shared cores), restored after: other test files compare
+    in-process results with subprocesses that use torch's default thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def quick(**overrides):
