@@ -14,10 +14,11 @@ from conftest import run_cli
 TARGETS = ("activation", "valence", "dominance")
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def one_thread():
-    """One torch thread here (2 shared cores), restored after: other test files compare
-    in-process results with subprocesses that use torch's default thread count."""
+    """One torch thread in these tests (2 shared cores), restored after each: other test files
+    compare in-process results, and shared fixtures, with subprocesses that use torch's default
+    thread count (fixtures of wider scope are set up before this one, at the default)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
