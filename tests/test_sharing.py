@@ -1,6 +1,6 @@
 """Sharing a store: read over HTTP (real server, ranged GETs) and from a zip, local caching of
 remote files, copy and pack (resumable, verified, atomic), and refusal of unsafe stores
-(RELIABILITY.md items 4-7)."""
+(docs/design.md, checklist items 4-7)."""
 
 import json
 import shutil
