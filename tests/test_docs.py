@@ -121,15 +121,26 @@ def commands(line: str) -> list[list[str]]:
     return found
 
 
+def commands_of(command: click.Command) -> list[click.Command]:
+    subs = command.commands.values() if isinstance(command, click.Group) else []
+    return [command, *(c for sub in subs for c in commands_of(sub))]
+
+
 @contextmanager
-def paths_unchecked():
-    """Path arguments name the reader's files, not ours: parse them without looking at disk."""
+def parsing_only(root: click.Command):
+    """Parse without acting: no option callbacks (one may configure the process, --help exits)
+    and no look at the disk for Path arguments (they name the reader's files, not ours)."""
+    callbacks = [(p, p.callback) for c in commands_of(root) for p in c.params if p.callback]
     original = click.Path.convert
     click.Path.convert = lambda self, value, param, ctx: value
+    for param, _ in callbacks:
+        param.callback = None
     try:
         yield
     finally:
         click.Path.convert = original
+        for param, callback in callbacks:
+            param.callback = callback
 
 
 def named_option(command: click.Command, token: str) -> bool:
@@ -148,7 +159,7 @@ def placeholder_value(args: list[str], param: click.Parameter) -> bool:
 def parse_error(args: list[str], *, complete: bool, root: click.Command = main) -> str | None:
     """Why `ser ARGS` would not parse (None when it does), with click's own message."""
     command, name, parent = root, "ser", None
-    with paths_unchecked():
+    with parsing_only(root):
         while True:
             if not complete and args and named_option(command, args[-1]):
                 args = args[:-1]  # prose names an option without its value: `--from-cache`
@@ -248,6 +259,24 @@ def test_wrong_lines_are_reported_with_their_line_numbers():
     assert "int8" in problems[2] and "'DST'" in problems[3] and "two" in problems[4]
     assert "'bild'" in problems[5] and "--epoch " in problems[6] and "--size" in problems[7]
     assert "'expor'" in problems[8]
+
+
+def test_checking_a_line_runs_nothing(tmp_path):
+    """Parsing a doc line neither runs the command nor its option callbacks (which may act,
+    e.g. configure storage for the process), and looks at no file."""
+    acted = []
+
+    @click.command()
+    @click.argument("store", type=click.Path(exists=True))
+    @click.option("--storage-options", callback=lambda ctx, param, value: acted.append(value))
+    def info(store):
+        acted.append(store)
+
+    root = click.Group("ser", commands={"info": info})
+    assert parse_error(["info", str(tmp_path / "missing.zarr"), "--storage-options", "{}"],
+                       complete=True, root=root) is None
+    assert acted == [] and info.params[1].callback is not None
+    assert parse_error(["info", "--storage-option", "{}"], complete=False, root=root)
 
 
 # --- Python snippets and links ------------------------------------------------------------------
