@@ -448,7 +448,7 @@ class ProbeConfig:
         check_out(self.out)
 
 
-def pooled_from_store(config: ProbeConfig):
+def pooled_from_store(config: ProbeConfig, *, progress: bool):
     """(ids, (n, layers, 2, D) features, pooled layer numbers, N, labels table, its name)."""
     from cachegen import open_cache
 
@@ -463,7 +463,10 @@ def pooled_from_store(config: ProbeConfig):
 
         from .train import check_store_matches
         check_store_matches(reader.location, reader.meta, load_model(config.model))
-    features = {uid: reader.pooled(uid) for uid in reader.ids}
+    from tqdm import tqdm
+
+    features = {uid: reader.pooled(uid) for uid in tqdm(reader.ids, unit="utt", desc="reading",
+                                                          disable=not progress, dynamic_ncols=True)}
     table = drop_failed(reader.table, reader.meta)
     return features, reader.pooled_layers, reader.meta["num_hidden_layers"], table, \
         f"{config.source} (manifest table)"
@@ -518,7 +521,7 @@ def analyze_probe(config: ProbeConfig, *, progress: bool = True) -> dict:
     config.validate()
     targets = list(config.targets)
     if source_kind(config.source) == "store":
-        features, layers, count, table, table_name = pooled_from_store(config)
+        features, layers, count, table, table_name = pooled_from_store(config, progress=progress)
     else:
         from cachegen.manifest import load_manifest
 
@@ -533,12 +536,14 @@ def analyze_probe(config: ProbeConfig, *, progress: bool = True) -> dict:
                          splits=[config.train_split, config.dev_split], available=set(features),
                          label_range=None)
     train_split, dev_split = splits[config.train_split], splits[config.dev_split]
-    train_x = np.stack([features[uid] for uid in train_split.ids]).astype(np.float64)  # (n, layers, 2, D)
-    dev_x = np.stack([features[uid] for uid in dev_split.ids]).astype(np.float64)
+    # float32 as stored (80 KB per utterance for wav2vec2-base); float64 one layer at a time
+    train_x = np.stack([features.pop(uid) for uid in train_split.ids])  # (n, layers, 2, D)
+    dev_x = np.stack([features.pop(uid) for uid in dev_split.ids])
+    features.clear()
     rows = []
     for k, layer in enumerate(layers):
-        pred = ridge_probe(train_x[:, k].reshape(len(train_x), -1), train_split.targets,
-                           dev_x[:, k].reshape(len(dev_x), -1))
+        pred = ridge_probe(train_x[:, k].reshape(len(train_x), -1).astype(np.float64), train_split.targets,
+                           dev_x[:, k].reshape(len(dev_x), -1).astype(np.float64))
         metrics = target_metrics(pred, dev_split.targets, targets)
         rows.append({"layer": layer, **{f"{t}_ccc": metrics[t]["ccc"] for t in targets},
                      "mean_ccc": float(np.mean([metrics[t]["ccc"] for t in targets]))})
