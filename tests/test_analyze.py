@@ -220,7 +220,7 @@ def test_pooled_store_reads_with_zarr_and_pyarrow_alone(pooled_store):
     assert info.exit_code == 0 and "mean and std of layers 0, 1, 2, 3, 4" in info.output
 
 
-def test_pooled_build_resumes_to_the_same_bytes_and_is_refused_on_a_plain_store(tiny_model, corpus, tmp_path, pooled_store):
+def test_pooled_build_resumes_keeping_committed_rows_and_is_refused_on_a_plain_store(tiny_model, corpus, tmp_path, pooled_store):
     import pyarrow.csv as pacsv
 
     from cachegen import open_cache
