@@ -64,7 +64,8 @@ def cache() -> None:
               help="Folder that relative paths resolve against (default: the manifest's folder).")
 @click.option("--shard-frames", type=int, default=None,
               help="Frames per shard file (default: about 16 MiB per file).")
-@click.option("--overwrite", is_flag=True, help="Delete an existing store at --out first.")
+@click.option("--overwrite", is_flag=True,
+              help="Delete an existing ser store at --out first (never a folder that is not one).")
 @click.option("--part", default=None, metavar="I/N",
               help="Cache only part I of N (independent jobs, e.g. a SLURM array); finalise "
                    "afterwards with the same command without --part.")

@@ -16,10 +16,11 @@ import numpy as np
 
 from .audio import SAMPLE_RATE, audio_seconds, load_audio
 from .errors import AudioError, ConfigError, StoreError, StoreMismatch
+from .lock import BuildLock, is_lock_file, region_lock
 from .manifest import Utterance, load_manifest
 from .model import DEFAULT_MODEL, LoadedModel, load_model
 from .store import (FORMAT, FORMAT_VERSION, STORAGE_DTYPES, StoreWriter, default_shard_frames,
-                    fingerprint_difference, load_index, read_meta, to_storage)
+                    fingerprint_difference, is_store_folder, load_index, read_meta, to_storage)
 
 log = logging.getLogger(__name__)
 
@@ -157,19 +158,46 @@ def batches_in_order(utterances: list[Utterance], seconds: dict[str, float], bat
     return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
-def prepare_store(config: BuildConfig, meta: dict) -> None:
+def prepare_store(config: BuildConfig, meta: dict, *, check_only: bool = False) -> None:
+    """Check what is at --out before anything is written there: nothing, an empty folder, or
+    a ser store built the same way. With --overwrite a ser store is emptied (under the build
+    lock), and anything that is not one is refused, never deleted."""
     out = Path(config.out)
-    existing = read_meta(out) if out.exists() else None
-    if config.overwrite and out.exists():
-        shutil.rmtree(out)
+    if not out.exists():
         return
-    if out.exists() and existing is None and any(out.iterdir()):
-        raise StoreError(f"{out}: exists and is not a ser store; choose another --out or pass --overwrite")
-    if existing is not None:
-        difference = fingerprint_difference(existing, meta)
-        if difference:
-            raise StoreMismatch(f"{out}: built differently ({difference}); pass --overwrite to "
-                                "rebuild it, or choose another --out")
+    if not out.is_dir():
+        raise StoreError(f"{out}: is a file; --out must be a folder")
+    contents = [p for p in out.iterdir() if not is_lock_file(p.name)]
+    if not contents:
+        return
+    if config.overwrite:
+        if not is_store_folder(out):
+            names = ", ".join(sorted(p.name for p in contents)[:5])
+            raise StoreError(f"{out}: is not a ser store (it holds {names}{' ...' if len(contents) > 5 else ''}); "
+                             "--overwrite deletes only ser stores: choose another --out")
+        if check_only:
+            return
+        for path in contents:  # the lock files stay: the lock is held on them
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        return
+    existing = read_meta(out)
+    if existing is None:
+        raise StoreError(f"{out}: exists and is not a ser store; choose another --out")
+    difference = fingerprint_difference(existing, meta)
+    if difference:
+        raise StoreMismatch(f"{out}: built differently ({difference}); pass --overwrite to "
+                            "rebuild it, or choose another --out")
+
+
+def take_locks(config: BuildConfig, rank: int, state) -> list[BuildLock]:
+    """The locks this writer holds for the whole build: the store's, exclusively, for a build
+    (taken by the main process of `accelerate launch` for all of them); shared by `--part` jobs,
+    each also holding its own writer region's lock exclusively."""
+    if config.part:
+        return [BuildLock(config.out, shared=True), BuildLock(config.out, region_lock(rank))]
+    if state is None or rank == 0:
+        return [BuildLock(config.out)]
+    return []
 
 
 def decode(utterance: Utterance, feature_extractor, min_samples: int):
@@ -251,6 +279,27 @@ def build_cache(config: BuildConfig) -> BuildSummary:
     shard_frames = config.shard_frames or default_shard_frames(loaded.hidden_size, config.dtype,
                                                                config.resolved_chunk_frames)
     meta = store_meta(config, loaded, shard_frames)
+    prepare_store(config, meta, check_only=True)  # refused before a lock file is left there
+    locks = take_locks(config, rank, state)
+    try:
+        return _build(config, manifest, loaded, meta, rank=rank, world=world, state=state, main=main)
+    except OSError as err:  # a read-only or vanished --out, anywhere before the write loop
+        raise StoreError(f"{config.out}: cannot write ({err.strerror or err}); choose a writable "
+                         "--out") from None
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _build(config: BuildConfig, manifest, loaded: LoadedModel, meta: dict, *, rank: int, world: int,
+           state, main: bool) -> BuildSummary:
+    """The build itself, run under the locks `build_cache` holds."""
+    import torch
+    from tqdm import tqdm
+
+    from .lower import LowerStack
+    from .store import committed_count
+
     prepare_store(config, meta)
     existing = read_meta(config.out) if Path(config.out).exists() else None
     if existing:  # resuming: keep the layout and the creation date
@@ -336,7 +385,7 @@ def build_cache(config: BuildConfig) -> BuildSummary:
             bar.n = todo_all
         bar.close()
         if state is None and config.part is None:
-            _finalize(writer, manifest, summary, config)
+            _finalize(writer, manifest, summary, config, after_error=sys.exc_info()[1] is not None)
         elif state is None:
             writer.close()
     if state is not None:
@@ -360,8 +409,14 @@ def build_cache(config: BuildConfig) -> BuildSummary:
     return summary
 
 
-def _finalize(writer: StoreWriter, manifest, summary: BuildSummary, config: BuildConfig) -> None:
-    """Best effort after success or failure: make everything committed visible to readers."""
+def _finalize(writer: StoreWriter, manifest, summary: BuildSummary, config: BuildConfig, *,
+              after_error: bool = False) -> None:
+    """Make everything committed visible to readers. After an error this is best effort (the
+    first error is the one to report); otherwise a failure here fails the build.
+
+    Raises:
+        StoreError: finalising failed (and no earlier error is on its way).
+    """
     try:
         missing = [u.id for u in manifest.utterances if u.id not in writer.committed]
         writer.finalize(table=manifest.table, extra_meta={
@@ -371,7 +426,11 @@ def _finalize(writer: StoreWriter, manifest, summary: BuildSummary, config: Buil
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "manifest": Path(config.manifest).name,
         })
-    except Exception as err:  # the original error (if any) matters more than this one
+    except Exception as err:
+        if not after_error:
+            raise StoreError(f"{config.out}: could not finalise the store ({type(err).__name__}: "
+                             f"{err}); what was committed is kept - rerun the same command to "
+                             "finish") from None
         log.warning("could not finalise %s (%s); rerun the same command to finish", config.out, err)
     finally:
         writer.close()

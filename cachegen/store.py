@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import StoreError
+from .errors import StoreCorrupt, StoreError
 
 FORMAT = "ser-cache"
 FORMAT_VERSION = 1
@@ -118,12 +118,99 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
+# Metadata fields every reader relies on, with their types; checked before any is used.
+META_FIELDS = {"format": str, "format_version": int, "model_id": str, "model_sha256": str,
+               "model_type": str, "layers": int, "num_hidden_layers": int, "hidden_size": int,
+               "dtype": str, "frame_rate": (int, float), "sample_rate": int, "chunk_frames": int,
+               "shard_frames": int}
+# What a store folder holds at its top level (besides build locks and temp files of atomic
+# writes): `--overwrite` deletes nothing else.
+STORE_ENTRIES = {"zarr.json", "states", "index.parquet", "manifest.parquet", "_building"}
+
+
+def check_meta(location: str, meta) -> dict:
+    """`meta` when every field in META_FIELDS is present, of its type and in range.
+
+    Raises:
+        StoreCorrupt: naming the first field that is missing or wrong.
+    """
+    where = f"{location}: zarr.json metadata"
+    if not isinstance(meta, dict):
+        raise StoreCorrupt(f"{where} is not an object")
+    for name, kind in META_FIELDS.items():
+        value = meta.get(name)
+        if value is None:
+            raise StoreCorrupt(f"{where} lacks field '{name}'; rebuild the store")
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise StoreCorrupt(f"{where}: field '{name}' is {json.dumps(value)[:60]}, expected "
+                               f"{' or '.join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))}")
+    if meta["dtype"] not in STORAGE_DTYPES:
+        raise StoreCorrupt(f"{where}: field 'dtype' is {meta['dtype']!r}, expected one of "
+                           f"{', '.join(STORAGE_DTYPES)}")
+    positive = ("num_hidden_layers", "hidden_size", "frame_rate", "sample_rate", "chunk_frames",
+                "shard_frames")
+    for name in positive:
+        if not 0 < meta[name] < 2**40:
+            raise StoreCorrupt(f"{where}: field '{name}' is {meta[name]}, expected a positive number")
+    if not 0 <= meta["layers"] <= meta["num_hidden_layers"]:
+        raise StoreCorrupt(f"{where}: field 'layers' is {meta['layers']}, expected 0 to "
+                           f"num_hidden_layers ({meta['num_hidden_layers']})")
+    if meta["shard_frames"] % meta["chunk_frames"]:
+        raise StoreCorrupt(f"{where}: 'shard_frames' {meta['shard_frames']} is not a multiple of "
+                           f"'chunk_frames' {meta['chunk_frames']}")
+    return meta
+
+
+def read_root(location: str, raw: bytes) -> dict:
+    """A store's zarr.json as a dict; garbage is named, never a traceback."""
+    try:
+        root = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise StoreCorrupt(f"{location}: zarr.json is not JSON ({err})") from None
+    if not isinstance(root, dict):
+        raise StoreCorrupt(f"{location}: zarr.json is not a JSON object")
+    return root
+
+
+def ser_meta(root: dict) -> dict | None:
+    """The 'ser' attributes of a parsed zarr.json, or None when it is not a ser store."""
+    attributes = root.get("attributes")
+    meta = attributes.get("ser") if isinstance(attributes, dict) else None
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+
 def read_meta(path: str | Path) -> dict | None:
-    """The metadata of a local store, or None when `path` holds no store."""
+    """The checked metadata of a local store, or None when `path` holds no zarr.json.
+
+    Raises:
+        StoreCorrupt: zarr.json is not JSON, or its metadata lacks a field or has a wrong one.
+        StoreError: zarr.json is not a ser store's.
+    """
     root = Path(path) / "zarr.json"
     if not root.is_file():
         return None
-    return json.loads(root.read_text()).get("attributes", {}).get("ser")
+    try:
+        raw = root.read_bytes()
+    except OSError as err:
+        raise StoreError(f"{root}: cannot read ({err.strerror})") from None
+    meta = ser_meta(read_root(str(path), raw))
+    if meta is None:
+        raise StoreError(f"{path}: holds a zarr.json that is not a ser store's; choose another --out")
+    return check_meta(str(path), meta)
+
+
+def is_store_folder(path: Path) -> bool:
+    """Whether `path` holds a ser store and nothing else (so that deleting it loses no other
+    file): a zarr.json with ser metadata, and only the entries a store has."""
+    from .lock import is_lock_file
+
+    try:
+        meta = ser_meta(read_root(str(path), (path / "zarr.json").read_bytes()))
+    except (OSError, StoreCorrupt):
+        return False
+    others = [p.name for p in path.iterdir() if p.name not in STORE_ENTRIES
+              and not is_lock_file(p.name) and not (p.name.startswith(".") and p.name.endswith(".partial"))]
+    return meta is not None and not others
 
 
 def fingerprint_difference(old: dict, new: dict) -> str | None:
@@ -320,6 +407,15 @@ def load_index(path: Path) -> dict[str, dict]:
     files = [path / "index.parquet"] if (path / "index.parquet").is_file() else []
     files += sorted((path / "_building").glob("shard-*.parquet")) if (path / "_building").is_dir() else []
     for file in files:
-        for r in pq.read_table(file).to_pylist():
+        try:
+            rows = pq.read_table(file).to_pylist()
+        except (pa.ArrowException, OSError) as err:
+            raise StoreCorrupt(f"{file}: cannot be read ({str(err).splitlines()[0]}); the store's "
+                               "index is damaged: rebuild it with --overwrite") from None
+        for r in rows:
+            if not isinstance(r.get("id"), str) or not all(
+                    isinstance(r.get(k), int) for k in ("start", "frames", "crc32")):
+                raise StoreCorrupt(f"{file}: a record lacks id, start, frames or crc32; the store's "
+                                   "index is damaged: rebuild it with --overwrite")
             records[r["id"]] = r
     return records

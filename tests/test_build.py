@@ -68,6 +68,9 @@ def test_resume_after_sigkill_equals_uninterrupted_build(tiny_model, tmp_path):
     assert 5 <= committed < 60, "the build must be killed midway"
     with pytest.raises(StoreError, match="interrupted"):
         open_cache(killed)  # never readable as complete
+    # the killed build's lock file stays, naming it; the kernel dropped its lock, so the rerun
+    # takes it over
+    assert f'"pid": {proc.pid}' in (killed / ".ser-build.lock").read_text()
     first_shard = killed / "states" / "c" / "0" / "0"
     first_bytes, first_mtime = first_shard.read_bytes(), first_shard.stat().st_mtime_ns
     result = run_cli(*args, "--out", killed)
