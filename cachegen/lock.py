@@ -2,8 +2,8 @@
 
 A lock is an `flock` on a small file inside the store. The kernel drops it when its holder
 exits, however it exits (kill -9 included), so a killed build never leaves a lock behind that
-needs clearing: the next build simply takes it. The file keeps the last holder's pid, host,
-command and start time, to name it to anyone refused. A build takes the store lock
+needs clearing: the next build simply takes it. The file names its holder (pid, host, command,
+start time) to anyone refused, and a build that ends removes it. A build takes the store lock
 exclusively; `--part` jobs, which may run side by side, share it and each take the lock of
 their own writer region exclusively.
 """
@@ -54,30 +54,43 @@ class BuildLock:
 
     def __init__(self, folder: str | Path, name: str = STORE_LOCK, *, shared: bool = False):
         self.path = Path(folder) / name
+        self.shared = shared
         self.fd: int | None = None
         if fcntl is None:
             log.warning("%s: this system has no flock; nothing stops two builds into one store", folder)
             return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as err:
-            raise StoreError(f"{self.path.parent}: cannot write ({err.strerror}); choose a writable "
-                             "--out") from None
-        try:
-            fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self.holder()
-            os.close(self.fd)
-            self.fd = None
-            raise StoreError(f"{self.path.parent} is being built by another process ({holder}); wait "
-                             "for it to finish or stop it, then rerun (a killed build's lock is "
-                             "released by itself)") from None
-        except OSError as err:  # e.g. a network filesystem without lock support
-            log.warning("%s: cannot lock (%s); nothing stops two builds into one store",
-                        self.path, err.strerror)
-            return
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as err:
+                raise StoreError(f"{self.path.parent}: cannot write ({err.strerror}); choose a "
+                                 "writable --out") from None
+            try:
+                fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self.holder()
+                os.close(self.fd)
+                self.fd = None
+                raise StoreError(f"{self.path.parent} is being built by another process ({holder}); "
+                                 "wait for it to finish or stop it, then rerun (a killed build's "
+                                 "lock is released by itself)") from None
+            except OSError as err:  # e.g. a network filesystem without lock support
+                log.warning("%s: cannot lock (%s); nothing stops two builds into one store",
+                            self.path, err.strerror)
+                os.close(self.fd)
+                self.fd = None
+                return
+            if self._still_there():
+                break
+            os.close(self.fd)  # its holder removed the file as we opened it: lock the new one
         self._write_holder(shared)
+
+    def _still_there(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
+        except FileNotFoundError:
+            return False
 
     def _write_holder(self, shared: bool) -> None:
         """Name this process in the file (shared holders leave it empty: they name themselves
@@ -102,12 +115,17 @@ class BuildLock:
         return "; ".join(named) if named else "a process that did not name itself"
 
     def release(self) -> None:
+        """Drop the lock. An exclusive holder removes the file first (so a finished store holds
+        no lock file): whoever opened it meanwhile finds it gone once locked, and starts over."""
         if self.fd is not None:
             try:
-                os.ftruncate(self.fd, 0)  # a later reader must not name a holder that is gone
-            except OSError:
+                if self.shared:
+                    os.ftruncate(self.fd, 0)
+                else:
+                    self.path.unlink()
+            except OSError:  # a read-only store keeps its lock file: harmless
                 pass
-            os.close(self.fd)  # closing drops the flock; the file stays (unlinking would race)
+            os.close(self.fd)
             self.fd = None
 
     def __enter__(self):

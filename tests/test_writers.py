@@ -128,7 +128,32 @@ def test_parts_share_a_store_but_not_a_region(tmp_path):
     with pytest.raises(StoreError, match="being built"):
         BuildLock(out, shared=True)  # a part while a plain build runs
     whole.release()
+    assert not (out / STORE_LOCK).exists()  # a build that ends leaves no lock file
     BuildLock(out).release()
+
+
+def test_lock_file_removed_while_being_taken_is_not_shared(tmp_path, monkeypatch):
+    """The holder removes the lock file as it releases; one who opened the old file just then
+    must not hold a lock on a file nobody else sees."""
+    import cachegen.lock as lock_module
+
+    out = tmp_path / "s.zarr"
+    first = BuildLock(out)
+    real_flock, raced = lock_module.fcntl.flock, {}
+
+    def flock(fd, operation):
+        if not raced:
+            raced["once"] = True
+            first.release()
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(lock_module.fcntl, "flock", flock)
+    second = BuildLock(out)
+    monkeypatch.setattr(lock_module.fcntl, "flock", real_flock)
+    assert raced and (out / STORE_LOCK).exists()
+    with pytest.raises(StoreError, match="being built"):
+        BuildLock(out)  # the second holds the lock on the file that is there
+    second.release()
 
 
 @contextlib.contextmanager
