@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
+import os
 import shutil
 import sys
 import time
@@ -83,6 +85,7 @@ class BuildSummary:
     cached: int = 0  # utterances computed by this run
     already: int = 0  # utterances found committed
     failed: list[dict] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)  # cached before, audio changed, computed again
     audio_hours: float = 0.0
     seconds: float = 0.0
     store_bytes: int = 0
@@ -98,6 +101,9 @@ class BuildSummary:
                  f"{self.store}"]
         if self.already:
             parts.append(f"{self.already} were already cached and were not recomputed")
+        if self.changed:
+            parts.append(f"{len(self.changed)} were computed again because their audio changed "
+                         f"({', '.join(self.changed[:10])}{' ...' if len(self.changed) > 10 else ''})")
         parts.append(f"the store holds {self.total} utterances in {self.store_bytes / 2**20:.1f} MiB")
         if self.part:
             parts.append(f"part {self.part[0]}/{self.part[1]} is committed; once every part is done, "
@@ -203,6 +209,7 @@ def take_locks(config: BuildConfig, rank: int, state) -> list[BuildLock]:
 def decode(utterance: Utterance, feature_extractor, min_samples: int):
     """Decoded and normalised samples, or the AudioError that explains why not."""
     try:
+        stat = os.stat(utterance.path)  # before reading: a later change shows as a new mtime
         samples, source_rate, digest = load_audio(utterance.path)
         if samples.shape[0] < min_samples:
             raise AudioError(f"{utterance.path}: {samples.shape[0]} samples at 16 kHz, shorter than "
@@ -212,9 +219,37 @@ def decode(utterance: Utterance, feature_extractor, min_samples: int):
         if not np.isfinite(normalised).all():
             raise AudioError(f"{utterance.path}: normalisation produced NaN/Inf")
         return normalised.astype(np.float32), {"source_rate": source_rate, "audio_sha256": digest,
-                                               "seconds": samples.shape[0] / SAMPLE_RATE}
+                                               "seconds": samples.shape[0] / SAMPLE_RATE,
+                                               "audio_bytes": stat.st_size,
+                                               "audio_mtime_ns": stat.st_mtime_ns}
+    except OSError as err:
+        return AudioError(f"{utterance.path}: cannot read: {err.strerror}"), None
     except AudioError as err:
         return err, None
+
+
+def audio_changed(utterance: Utterance, record: dict) -> bool:
+    """Whether the audio of a committed utterance differs from what was cached: unchanged when
+    its size and mtime are the recorded ones, otherwise decided by the sha256 of its bytes."""
+    try:
+        stat = os.stat(utterance.path)
+        if (stat.st_size, stat.st_mtime_ns) == (record.get("audio_bytes"), record.get("audio_mtime_ns")):
+            return False
+        digest = hashlib.sha256()
+        with open(utterance.path, "rb") as f:
+            for block in iter(lambda: f.read(2**20), b""):
+                digest.update(block)
+    except OSError:
+        return True  # unreadable now: computing it again records why
+    return digest.hexdigest() != record.get("audio_sha256")
+
+
+def changed_audio(utterances: list[Utterance], committed: dict[str, dict]) -> list[Utterance]:
+    """The committed utterances whose audio changed since it was cached (files read in parallel)."""
+    cached = [u for u in utterances if u.id in committed]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        flags = list(pool.map(lambda u: audio_changed(u, committed[u.id]), cached))
+    return [u for u, changed in zip(cached, flags) if changed]
 
 
 def writers(config: BuildConfig):
@@ -313,10 +348,21 @@ def _build(config: BuildConfig, manifest, loaded: LoadedModel, meta: dict, *, ra
     if state is not None and not main:
         state.wait_for_everyone()  # the main process creates the store first
     writer = StoreWriter(config.out, meta, writer=rank)
+    changed = changed_audio(manifest.utterances, writer.committed) if state is None or main else []
+    if changed:
+        named = ", ".join(f"{u.id} ({u.path})" for u in changed[:10]) + (" ..." if len(changed) > 10 else "")
+        if config.part:  # other parts may be writing: only the lock's sole holder may retire records
+            writer.close()
+            raise StoreError(f"{config.out}: the audio of {len(changed)} cached utterance(s) changed "
+                             f"since they were cached: {named}; run the same command without --part "
+                             "to compute them again")
+        log.warning("the audio of %d cached utterance(s) changed since they were cached; computing "
+                    "them again: %s", len(changed), named)
+        writer.retire({u.id for u in changed})
     if state is not None and main:
         state.wait_for_everyone()
     summary = BuildSummary(store=str(config.out), already=sum(
-        u.id in writer.committed for u in manifest.utterances))
+        u.id in writer.committed for u in manifest.utterances), changed=[u.id for u in changed])
     with ThreadPoolExecutor(max_workers=16) as pool:
         seconds = dict(zip([u.id for u in manifest.utterances],
                            pool.map(audio_seconds, [u.path for u in manifest.utterances])))

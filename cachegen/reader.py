@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import SerError, StoreCorrupt, StoreError, UnsafeInput
-from .store import (ALLOWED_CODECS, FORMAT, FORMAT_VERSION, INDEX_SCHEMA, POOLED_CRC, STORAGE_DTYPES,
+from .store import (ALLOWED_CODECS, FORMAT, FORMAT_VERSION, INDEX_OPTIONAL, INDEX_SCHEMA, POOLED_CRC, STORAGE_DTYPES,
                     _quiet_zarr, checksum, from_storage, pooled_shape, write_atomic)
 
 log = logging.getLogger(__name__)
@@ -597,8 +597,9 @@ class CacheReader:
         self.index: pa.Table = index
         self._layout = _coalescible(consolidated[ARRAY]) if self.source.kind == "fsspec" else None
         expected_fields = list(INDEX_SCHEMA) + ([POOLED_CRC] if self.pooled_layers else [])
-        missing = [f.name for f in expected_fields if self.index.schema.get_field_index(f.name) < 0
-                   or not self.index.schema.field(f.name).type.equals(f.type)]
+        missing = [f.name for f in expected_fields if f.name not in INDEX_OPTIONAL and (
+                   self.index.schema.get_field_index(f.name) < 0
+                   or not self.index.schema.field(f.name).type.equals(f.type))]
         if missing:
             raise StoreCorrupt(f"{location}: index.parquet lacks column(s) {', '.join(missing)} "
                                "of the expected type")

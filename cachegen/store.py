@@ -42,7 +42,11 @@ FINGERPRINT = ("format_version", "model_sha256", "model_config_sha256", "model_t
 INDEX_SCHEMA = pa.schema([
     ("id", pa.string()), ("start", pa.int64()), ("frames", pa.int64()), ("seconds", pa.float64()),
     ("source_rate", pa.int64()), ("audio_sha256", pa.string()), ("crc32", pa.int64()),
+    # size and mtime of the audio file when it was read: a rerun hashes only files whose size
+    # or mtime differ (absent, null, in stores built before they were recorded)
+    ("audio_bytes", pa.int64()), ("audio_mtime_ns", pa.int64()),
 ])
+INDEX_OPTIONAL = {"audio_bytes", "audio_mtime_ns"}
 # Stores with pooled statistics (`pooled_layers` in the metadata) add this column.
 POOLED_CRC = pa.field("pooled_crc32", pa.int64())
 
@@ -359,6 +363,32 @@ class StoreWriter:
         write_atomic(self.path / "_building" / name, parquet_bytes(table))
         for r in records:
             self.committed[r["id"]] = r
+
+    def retire(self, ids: set[str]) -> None:
+        """Forget the committed records of `ids` (their audio changed), so they are computed again.
+
+        Every commit record and index.parquet listing one of them is rewritten without it
+        (atomically; a kill in between leaves some still listed, and a rerun finds them changed
+        again). Their old rows stay in the array, unused. Only the holder of the store's build
+        lock may call this: it rewrites other writers' records."""
+        self.wait()
+        files = [self.path / "index.parquet"] if (self.path / "index.parquet").is_file() else []
+        files += sorted((self.path / "_building").glob("shard-*.parquet"))
+        for file in files:
+            table = pq.read_table(file)
+            keep = [uid not in ids for uid in table.column("id").to_pylist()]
+            if all(keep):
+                continue
+            kept = table.filter(pa.array(keep))
+            if file.parent.name == "_building":  # the record count is in the name
+                first = file.name.split("-n")[0]
+                file.unlink()
+                if kept.num_rows:
+                    write_atomic(file.with_name(f"{first}-n{kept.num_rows}.parquet"), parquet_bytes(kept))
+            else:
+                write_atomic(file, parquet_bytes(kept))
+        for uid in ids:
+            self.committed.pop(uid, None)
 
     def wait(self) -> None:
         """Block until the shard being written is committed; re-raise its error."""
