@@ -187,14 +187,33 @@ class ZipSource(Source):
         self.archive.close()
 
 
+class ShortBody(Exception):
+    """A response with fewer bytes than were asked for (a transient fault: tried again)."""
+
+
+def transient(err: Exception) -> bool:
+    """Whether a failed remote read is worth another try: timeouts, dropped connections, short
+    bodies and 5xx/408/429 answers are; other HTTP statuses and refused permissions are not."""
+    status = getattr(err, "status", None)  # aiohttp's ClientResponseError
+    if isinstance(status, int):
+        return status >= 500 or status in (408, 429)
+    return not isinstance(err, (PermissionError, NotImplementedError, ValueError, TypeError))
+
+
 class FsspecSource(Source):
     """A store behind an fsspec URL: http(s)://, s3://, gs://, ... (read with ranged GETs).
 
     Suffix and offset reads become explicit ranges (the size is asked once per file), because
     simple servers refuse `Range: bytes=-N`; a server that ignores ranges altogether still gives
-    correct bytes, only slowly, and says so once."""
+    correct bytes, only slowly, and says so once. Every read is bounded in time: over HTTP a
+    connection or a read that waits `timeout` seconds for a byte fails; a failed read that may
+    be transient (see `transient`), or a body shorter than asked for, is tried `retries` more
+    times after `backoff`, 2x`backoff`, ... seconds, then refused in one line naming the URL."""
 
     kind = "fsspec"
+    timeout = 30.0
+    retries = 3
+    backoff = 0.5
 
     def __init__(self, url: str, *, storage_options: dict | None = None):
         self.location = url
@@ -215,8 +234,14 @@ class FsspecSource(Source):
         import fsspec
 
         protocol = self.location.split("://")[0].split("::")[-1] if "://" in self.location else ""
+        options = dict(self.options)
+        if protocol.lower() in ("http", "https") and "timeout" not in options.get("client_kwargs", {}):
+            import aiohttp  # fsspec's HTTP backend; without a timeout a stalled server hangs a read
+
+            options["client_kwargs"] = {**options.get("client_kwargs", {}), "timeout": aiohttp.ClientTimeout(
+                total=None, sock_connect=self.timeout, sock_read=self.timeout)}
         try:
-            fs, root = fsspec.core.url_to_fs(self.location, **self.options)
+            fs, root = fsspec.core.url_to_fs(self.location, **options)
         except (ImportError, ValueError) as err:
             extra = EXTRAS.get(protocol.lower())
             hint = f"pip install 'ser[{extra}]'" if extra else "install the fsspec backend for it"
@@ -227,14 +252,30 @@ class FsspecSource(Source):
         self.fs  # noqa: B018 -- (re)connects first, which sets self.root
         return f"{self.root}/{_member_path(key)}"
 
-    async def _call(self, method: str, *args, **kwargs):
-        try:
-            return await asyncio.to_thread(getattr(self.fs, method), *args, **kwargs)
-        except FileNotFoundError:
-            return None
-        except Exception as err:  # network, permissions, server errors: not damage in the store
-            raise StoreError(f"{self.location}: cannot read {args[0].removeprefix(self.root + '/')} "
-                             f"({type(err).__name__}: {err})") from None
+    async def _call(self, method: str, path: str, *, want: int | None = None, whole: str | None = None,
+                    **kwargs):
+        """`fs.method(path, **kwargs)`, tried again on transient faults; None when not found.
+        `want`: the bytes a read must return (fewer is a short body); `whole`: the key of a
+        whole-file read, checked by `cut_off` (a short body whose length nobody knew)."""
+        url = f"{self.location.rstrip('/')}/{path.removeprefix(self.root + '/')}"
+        for attempt in range(self.retries + 1):
+            try:
+                result = await asyncio.to_thread(getattr(self.fs, method), path, **kwargs)
+                if want is not None and result is not None and len(result) < want:
+                    raise ShortBody(f"short body: {len(result)} of {want} bytes")
+                problem = whole and result is not None and cut_off(whole, result, None)
+                if problem:
+                    raise ShortBody(f"cut off or damaged: {problem}")
+                return result
+            except FileNotFoundError:
+                return None
+            except Exception as err:  # network, permissions, server errors: not damage in the store
+                reason = f"{type(err).__name__}: {err}".strip().rstrip(":").splitlines()[0]
+                if attempt == self.retries or not transient(err):
+                    tries = f" after {attempt + 1} tries" if attempt else ""
+                    raise StoreError(f"{url}: cannot read ({reason}){tries}") from None
+                log.debug("%s: %s; trying again", url, reason)
+                await asyncio.sleep(self.backoff * 2 ** attempt)
 
     async def size(self, key):
         path = self._path(key)
@@ -248,8 +289,12 @@ class FsspecSource(Source):
     async def read(self, key, start=None, end=None):
         path = self._path(key)
         if start is None and end is None:
-            return await self._call("cat_file", path)
-        if end is None or (start or 0) < 0:
+            # a short body is caught by aiohttp when it breaks Content-Length, by `cut_off` for
+            # JSON and Parquet, and by the file's size (one HEAD, remembered) for the rest
+            metadata = key.endswith((ROOT, ".parquet"))
+            want = self._sizes.get(path) if metadata else await self.size(key)
+            return await self._call("cat_file", path, want=want, whole=key)
+        if end is None or (start or 0) < 0 or path in self._sizes:
             size = await self.size(key)
             if size is None:
                 return None
@@ -257,7 +302,8 @@ class FsspecSource(Source):
         start = start or 0
         if end <= start:
             return b""
-        data = await self._call("cat_file", path, start=start, end=end)
+        data = await self._call("cat_file", path, start=start, end=end,
+                                want=end - start if path in self._sizes else None)
         if data is not None and len(data) > end - start:  # the server ignored the Range header
             if not self._warned:
                 log.warning("%s ignores HTTP Range requests: each read downloads a whole file; use "
@@ -265,6 +311,10 @@ class FsspecSource(Source):
                             self.location)
                 self._warned = True
             data = data[start:end]
+        elif data is not None and len(data) < end - start:  # past the end, or a short body
+            size = await self.size(key)
+            if size is not None and len(data) < min(end, size) - start:
+                data = await self._call("cat_file", path, start=start, end=end, want=min(end, size) - start)
         return data
 
 
@@ -273,7 +323,9 @@ class LocalCopy(Source):
 
     The local copy mirrors the store's layout under `cache_dir/<hash of the location>/` and is
     kept only while the remote zarr.json is byte-identical to the cached one (a rebuilt or
-    extended store drops it). When the remote cannot be reached, the local copy is read alone."""
+    extended store drops it). When the remote cannot be reached, the local copy is read alone.
+    A downloaded file is kept only when it is whole (see `cut_off`): a short body is fetched
+    once more, and if still short, used for this read but never kept."""
 
     kind = "cached"
 
@@ -297,6 +349,8 @@ class LocalCopy(Source):
             return
         if root is None:  # no store there any more: its old copy must not stand in for it
             shutil.rmtree(self.folder, ignore_errors=True)
+        elif cut_off(ROOT, root, None):
+            return  # garbage or cut off: read remotely every time, so the reader names it
         elif not cached.is_file() or cached.read_bytes() != root:
             if self.folder.exists():
                 log.info("%s changed since it was cached; dropping the local copy", self.location)
@@ -314,6 +368,14 @@ class LocalCopy(Source):
         data = await self.remote.read(key)
         if data is None:
             return None
+        problem = cut_off(key, data, self._states_meta())
+        if problem:
+            data = await self.remote.read(key)
+            problem = None if data is None else cut_off(key, data, self._states_meta())
+            if data is None or problem:
+                log.warning("%s/%s looks cut off (%s); not keeping it in %s", self.location, key,
+                            problem, self.folder)
+                return None if data is None else _span(io.BytesIO(data), start, end, len(data))
         target = self.folder.joinpath(*_member_path(key).parts)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -324,12 +386,59 @@ class LocalCopy(Source):
                 self._warned = True
         return _span(io.BytesIO(data), start, end, len(data))
 
+    def _states_meta(self) -> dict | None:
+        """The states' array metadata from the local copy of zarr.json (to check shard files)."""
+        if getattr(self, "_states", None) is None:
+            try:
+                root = json.loads((self.folder / ROOT).read_bytes())
+                self._states = root["consolidated_metadata"]["metadata"][ARRAY]
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+        return self._states
+
     async def size(self, key):
         local = await self.local.size(key)
         return local if local is not None or self.offline else await self.remote.size(key)
 
     def close(self):
         self.remote.close()
+
+
+def cut_off(key: str, data: bytes, states_meta: dict | None) -> str | None:
+    """Why `data` cannot be the whole file `key` of a store (a download cut short), or None.
+    JSON must parse, Parquet must have its footer, and a shard in ser's layout must end with a
+    shard index whose crc32c matches and whose chunks lie inside the file."""
+    name = PurePosixPath(key).name
+    if name == ROOT:
+        try:
+            json.loads(data)
+        except ValueError:
+            return "not whole JSON"
+    elif name.endswith(".parquet"):
+        try:
+            pq.read_metadata(io.BytesIO(data))
+        except Exception:  # pyarrow raises several types for a cut-off footer
+            return "not a whole Parquet file"
+    elif key.startswith(f"{ARRAY}/c/") and states_meta is not None:
+        import google_crc32c
+
+        try:
+            layout = _coalescible(states_meta)
+        except (KeyError, TypeError, AttributeError, IndexError):
+            layout = None
+        if layout is None:
+            return None
+        index_size = layout[2]
+        if len(data) < index_size:
+            return f"{len(data)} bytes, shorter than its shard index ({index_size} bytes)"
+        index = data[-index_size:]
+        if google_crc32c.value(index[:-4]) != int.from_bytes(index[-4:], "little"):
+            return "its shard index fails its crc32c"
+        table = np.frombuffer(index[:-4], "<u8").reshape(-1, 2)
+        written = table[table[:, 0] != np.iinfo(np.uint64).max]
+        if len(written) and int((written[:, 0] + written[:, 1]).max()) > len(data) - index_size:
+            return "its shard index points past its end"
+    return None
 
 
 def open_source(location: str | Path, *, cache_dir: str | Path | None = None) -> Source:
