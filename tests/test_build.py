@@ -2,6 +2,7 @@
 corruption detected by verify (RELIABILITY.md items 1-4, 8, 9, 11)."""
 
 import errno
+import os
 import shutil
 import signal
 import subprocess
@@ -57,8 +58,11 @@ def test_resume_after_sigkill_equals_uninterrupted_build(tiny_model, tmp_path):
     args = ["cache", "build", manifest, "--model", tiny_model, "--layers", "3", "--batch-size", "1",
             "--workers", "1", "--shard-frames", "64", "--no-progress"]
     killed = tmp_path / "killed.zarr"
+    import torch  # the killed process computes with as many threads as this one: the same bytes
+
     proc = subprocess.Popen(SER + [str(a) for a in args] + ["--out", str(killed)],
-                            cwd=Path(__file__).parents[1], stderr=subprocess.DEVNULL)
+                            cwd=Path(__file__).parents[1], stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     deadline = time.time() + 120
     while time.time() < deadline and len(list((killed / "_building").glob("shard-*.parquet"))) < 5:
         time.sleep(0.01)
