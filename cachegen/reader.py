@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import SerError, StoreCorrupt, StoreError, UnsafeInput
-from .store import (ALLOWED_CODECS, FORMAT, FORMAT_VERSION, INDEX_OPTIONAL, INDEX_SCHEMA, POOLED_CRC, STORAGE_DTYPES,
+from .store import (ALLOWED_CODECS, FORMAT, FORMAT_VERSION, INDEX_OPTIONAL, INDEX_SCHEMA, POOLED_CRC,
+                    STORAGE_DTYPES, check_meta,
                     _quiet_zarr, checksum, from_storage, pooled_shape, write_atomic)
 
 log = logging.getLogger(__name__)
@@ -674,6 +675,7 @@ class CacheReader:
             raise StoreError(f"{location}: store format version {meta.get('format_version')} is not "
                              f"supported by this ser (reads version {FORMAT_VERSION}); rebuild it "
                              "or install the matching ser")
+        check_meta(location, meta)
         consolidated = (root.get("consolidated_metadata") or {}).get("metadata") or {}
         if ARRAY not in consolidated:
             raise StoreError(f"{location}: zarr.json has no consolidated metadata, which reading "
@@ -745,6 +747,9 @@ class CacheReader:
             start, frames, crc = self._rows[uid]
         except KeyError:
             raise KeyError(f"{uid!r} is not in store {self.location}") from None
+        if frames < 1 or start < 0:  # a damaged or hand-edited index: never an empty utterance
+            raise StoreCorrupt(f"{self.location}: utterance '{uid}' has an impossible index row "
+                               f"(start {start}, frames {frames}); run `ser cache verify`")
         try:
             if self._layout:
                 self._prefetch(start, frames)

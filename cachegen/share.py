@@ -154,9 +154,13 @@ class ZipTarget(Target):
         staging = self.folder.staging
         write_file(staging / ROOT, root)
         files = sorted(p for p in staging.rglob("*") if p.is_file() and not p.name.startswith("."))
-        with zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-            for path in files:
-                archive.write(path, path.relative_to(staging).as_posix())
+        try:
+            with zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+                for path in files:
+                    archive.write(path, path.relative_to(staging).as_posix())
+        except BaseException:  # e.g. disk full: no half-written zip stays behind
+            self.tmp.unlink(missing_ok=True)
+            raise
         return ZipSource(self.tmp)
 
     def publish(self, root):
@@ -241,6 +245,17 @@ class CopySummary:
 
 
 def copy_store(source: str | Path, destination: str | Path, *, jobs: int = 4) -> CopySummary:
+    """Copy a store (see `_copy_store`); a file that cannot be written (read-only folder, full
+    disk) is one StoreError naming it, and nothing at `destination` reads as a store."""
+    try:
+        return _copy_store(source, destination, jobs=jobs)
+    except OSError as err:
+        where = f" {err.filename}" if err.filename else ""
+        raise StoreError(f"{destination}: cannot write{where} ({err.strerror or err}); nothing was "
+                         "published - fix that and rerun the same command to resume") from None
+
+
+def _copy_store(source: str | Path, destination: str | Path, *, jobs: int = 4) -> CopySummary:
     """Copy a store from any location `open_cache` reads to a folder, a .zip or an fsspec URL.
 
     Resumable: a rerun skips files an interrupted run already staged for the same source.
@@ -260,7 +275,7 @@ def copy_store(source: str | Path, destination: str | Path, *, jobs: int = 4) ->
     Example:
         >>> copy_store("http://nas:8000/msp.zarr", "/scratch/msp.zarr")  # doctest: +SKIP
     """
-    from .inspect import verify_reader
+    from .verify import verify_reader
 
     started = time.perf_counter()
     source, destination = str(source), str(destination)

@@ -9,7 +9,7 @@ def run_demo(out: str, *, epochs: int = 8, echo=print, utterances: int = 200) ->
     """Synthesise a corpus whose labels follow its prosody, save a tiny random Wav2Vec2, build
     the cache, train the top layers from it, evaluate on the test split. Returns test metrics."""
     from cachegen.build import BuildConfig, build_cache
-    from cachegen.inspect import format_info, store_info
+    from cachegen.verify import format_info, store_info
     from cachegen.testing import save_tiny_model, synth_corpus
 
     from .evaluate import EvaluateConfig, evaluate

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -92,22 +93,14 @@ def verify_store(location: str, *, cache_dir: str | None = None) -> VerifyReport
 def verify_reader(reader: CacheReader) -> VerifyReport:
     """`verify_store` on an open reader (`ser cache copy` verifies its copy before publishing it)."""
     report = VerifyReport(store=reader.location)
-    chunk = reader.meta["chunk_frames"]
-    capacity = reader.states.shape[0]
-    rows = sorted(reader.index.to_pylist(), key=lambda r: r["start"])
-    if len({r["id"] for r in rows}) != len(rows):
-        report.problems.append("index: duplicate ids")
-    previous_end, previous_id = 0, None
-    for r in rows:
-        if r["start"] % chunk:
-            report.problems.append(f"index: '{r['id']}' starts at frame {r['start']}, not on a chunk")
-        if r["start"] < previous_end:
-            report.problems.append(f"index: '{r['id']}' overlaps '{previous_id}'")
-        if r["start"] + r["frames"] > capacity:
-            report.problems.append(f"index: '{r['id']}' lies beyond the states array")
-            continue
-        previous_end, previous_id = r["start"] + r["frames"], r["id"]
+    unreadable = set()
+    for uid, problem in index_problems(reader):
+        report.problems.append(f"index: {problem}")
+        if uid is not None:
+            unreadable.add(uid)
     for uid in reader.ids:
+        if uid in unreadable:  # its row is impossible: reading it would mean nothing
+            continue
         try:
             reader.read_raw(uid)
             if reader.pooled_layers:
@@ -117,3 +110,50 @@ def verify_reader(reader: CacheReader) -> VerifyReport:
             report.damaged.append(uid)
         report.checked += 1
     return report
+
+
+def index_problems(reader: CacheReader) -> list[tuple[str | None, str]]:
+    """(id, problem) for every index row that cannot be right: no frames or negative ones, a
+    negative start or one off the chunk grid, frames that disagree with the recorded seconds at
+    the store's frame rate, a range outside the states array or overlapping another, an id
+    listed twice. The id is None for a problem of the index as a whole."""
+    chunk, rate = reader.meta["chunk_frames"], float(reader.meta["frame_rate"])
+    capacity = reader.states.shape[0]
+    rows = reader.index.select(["id", "start", "frames", "seconds"]).to_pylist()
+    problems: list[tuple[str | None, str]] = []
+    seen, twice = set(), []
+    for r in rows:
+        twice += [r["id"]] if r["id"] in seen else []
+        seen.add(r["id"])
+    if twice:
+        problems.append((None, f"id(s) listed twice: {', '.join(repr(u) for u in sorted(set(twice))[:10])}"))
+    good = []
+    for r in rows:
+        uid, start, frames, seconds = r["id"], r["start"], r["frames"], r["seconds"]
+        if start is None or frames is None or seconds is None:
+            problems.append((uid, f"'{uid}' has a blank start, frames or seconds"))
+            continue
+        if frames < 1:
+            problems.append((uid, f"'{uid}' has {frames} frames; every utterance has at least 1"))
+            continue
+        if start < 0:
+            problems.append((uid, f"'{uid}' starts at frame {start}, before the array"))
+            continue
+        if start % chunk:
+            problems.append((uid, f"'{uid}' starts at frame {start}, not on a chunk of {chunk}"))
+        expected = seconds * rate
+        if not math.isfinite(expected) or abs(frames - expected) > max(2.0, 0.01 * expected):
+            problems.append((uid, f"'{uid}' has {frames} frames but {seconds:g} s at {rate:g} "
+                                  f"frames/s make about {expected:.0f}"))
+        if start + frames > capacity:
+            problems.append((uid, f"'{uid}' (frames {start}-{start + frames}) lies beyond the states "
+                                  f"array ({capacity} frames)"))
+            continue
+        good.append((start, frames, uid))
+    previous_end, previous_id = 0, None
+    for start, frames, uid in sorted(good):
+        if start < previous_end:
+            problems.append((uid, f"'{uid}' overlaps '{previous_id}'"))
+        if start + frames > previous_end:
+            previous_end, previous_id = start + frames, uid
+    return problems
