@@ -54,16 +54,25 @@ def read_table(path: str | Path) -> tuple[pa.Table, int]:
         raise ManifestError(f"{path}: no such file")
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
+            _refuse_duplicate_columns(path, pq.read_schema(path).names)
             table = pq.read_table(path)
             return table.cast(pa.schema([(f.name, pa.string()) for f in table.schema])), 0
         with open(path, newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), [])
+        _refuse_duplicate_columns(path, header)
         types = {name: pa.string() for name in header}
         table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
             column_types=types, strings_can_be_null=True, null_values=[""]))
         return table, 2
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as err:
         raise ManifestError(f"{path}: cannot read table: {str(err).splitlines()[0]}") from None
+
+
+def _refuse_duplicate_columns(path: Path, names: list[str]) -> None:
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ManifestError(f"{path}: column(s) {', '.join(repr(n) for n in twice)} appear more than "
+                            "once in the header; rename or drop the copies")
 
 
 def _rows(indices, offset: int) -> str:
@@ -125,6 +134,8 @@ def load_manifest(path: str | Path, *, audio_root: str | Path | None = None,
     if missing:
         raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}; a manifest needs "
                             f"'id' and 'path' (found: {', '.join(table.column_names) or 'none'})")
+    if table.num_rows == 0:
+        raise ManifestError(f"{path}: has a header but no rows; nothing to do")
     problems: list[str] = []
     table = parse_labels(table, offset, str(path), problems)
     ids = table.column("id").to_pylist()

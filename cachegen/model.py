@@ -88,6 +88,21 @@ def weights_sha256(model) -> str:
     return digest.hexdigest()
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickled_weights(model_id: str) -> None:
+    """A local model folder whose weights are only pickles is refused, never unpickled."""
+    folder = Path(model_id)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(f"{folder}: weights only as a pickle ({', '.join(pickles[:3])}), which ser "
+                         "never loads (loading one can run code); save the model with "
+                         "save_pretrained(..., safe_serialization=True) to get model.safetensors")
+
+
 def load_model(model_id: str = DEFAULT_MODEL) -> LoadedModel:
     """Load an encoder (no task head) and its feature extractor from a hub id or a local folder.
 
@@ -116,8 +131,9 @@ def load_model(model_id: str = DEFAULT_MODEL) -> LoadedModel:
     # cached layers cannot), so that every strategy sees the same inputs.
     config.mask_time_prob = 0.0
     config.mask_feature_prob = 0.0
-    try:
-        model = AutoModel.from_pretrained(model_id, config=config)
+    refuse_pickled_weights(model_id)
+    try:  # safetensors only: a pickle (pytorch_model.bin) can run code when loaded
+        model = AutoModel.from_pretrained(model_id, config=config, use_safetensors=True)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load weights of '{model_id}': {str(err).splitlines()[0]}") from None
     model.eval()

@@ -1,0 +1,178 @@
+"""Hostile or damaged input to build, copy, pack, info and verify: each is one `ser: error:`
+line naming the file, field or value, a non-zero exit, and nothing partial left behind
+(reliability items 19 and 20 for stores; the index sanity checks of `ser cache verify`)."""
+
+import errno
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cachegen import open_cache
+from cachegen.errors import StoreCorrupt
+from conftest import run_cli
+from test_writers import read_only, tree
+
+
+def one_line_error(result, *fragments):
+    """Exit status 1 and one error line, last (after any log lines), naming `fragments`."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ser: error: ")]
+    assert len(errors) == 1 and result.stderr.endswith(errors[0] + "\n"), result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def edited_index(store, tmp_path, name, **rows):
+    """A copy of `store` whose index rows {id: {column: value}} are changed."""
+    copy = tmp_path / name
+    shutil.copytree(store, copy)
+    index = pq.read_table(copy / "index.parquet").to_pylist()
+    for row in index:
+        row.update(rows.get(row["id"], {}))
+    pq.write_table(pa.Table.from_pylist(index, schema=pq.read_schema(copy / "index.parquet")),
+                   copy / "index.parquet")
+    return copy
+
+
+def test_verify_names_every_impossible_index_row(built_store, tmp_path):
+    reader = open_cache(built_store)
+    ids = sorted(reader.ids, key=lambda u: reader.index.to_pylist()[reader.ids.index(u)]["start"])
+    rows = {r["id"]: r for r in reader.index.to_pylist()}
+    a, b, c, d, e, f = ids[:6]
+    copy = edited_index(built_store, tmp_path, "bad.zarr", **{
+        a: {"frames": -5},  # negative frames
+        b: {"frames": 0},  # no frames
+        c: {"seconds": rows[c]["seconds"] * 3},  # frames disagree with seconds x frame rate
+        d: {"start": -64},  # a negative start
+        e: {"start": rows[f]["start"]},  # overlaps the next one
+        ids[-1]: {"start": reader.states.shape[0] + 64},  # beyond the array
+    })
+    result = run_cli("cache", "verify", copy)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    for uid, words in [(a, "-5 frames"), (b, "0 frames"), (c, "frames/s make about"),
+                       (d, "before the array"), (ids[-1], "beyond the states array")]:
+        assert any(f"'{uid}'" in line and words in line for line in lines), (uid, words, lines)
+    assert any("overlaps" in line and (f"'{e}'" in line or f"'{f}'" in line) for line in lines)
+    with pytest.raises(StoreCorrupt, match=f"'{a}' has an impossible index row"):
+        open_cache(copy)[a]  # never an empty utterance for training
+    assert run_cli("cache", "verify", built_store).exit_code == 0  # the intact store passes
+
+
+def set_meta(store, tmp_path, name, change):
+    copy = tmp_path / name
+    shutil.copytree(store, copy)
+    root = json.loads((copy / "zarr.json").read_text())
+    change(root["attributes"]["ser"])
+    (copy / "zarr.json").write_text(json.dumps(root))
+    return copy
+
+
+@pytest.mark.parametrize("field,change,expected", [
+    ("model_id", lambda m: m.pop("model_id"), "lacks field 'model_id'"),
+    ("layers", lambda m: m.pop("layers"), "lacks field 'layers'"),
+    ("hidden_size", lambda m: m.update(hidden_size="32"), "field 'hidden_size' is \"32\""),
+    ("chunk_frames", lambda m: m.update(chunk_frames=0), "field 'chunk_frames' is 0"),
+])
+def test_store_metadata_with_missing_or_wrong_fields(field, change, expected, built_store, corpus,
+                                                     tiny_model, tmp_path):
+    copy = set_meta(built_store, tmp_path, "m.zarr", change)
+    for command in (["cache", "info", copy], ["cache", "verify", copy],
+                    ["cache", "build", corpus, "--model", tiny_model, "--layers", 2, "--dtype",
+                     "float32", "--out", copy, "--no-progress"]):
+        one_line_error(run_cli(*command), str(copy), expected)
+
+
+def test_damaged_index_on_resume_is_one_line(built_store, corpus, tiny_model, tmp_path):
+    copy = tmp_path / "c.zarr"
+    shutil.copytree(built_store, copy)
+    data = (copy / "index.parquet").read_bytes()
+    (copy / "index.parquet").write_bytes(data[:len(data) // 2])
+    before = tree(copy)
+    one_line_error(run_cli("cache", "build", corpus, "--model", tiny_model, "--layers", 2, "--dtype",
+                           "float32", "--out", copy, "--no-progress"), "index.parquet", "damaged")
+    assert tree(copy) == before
+
+
+def test_manifest_with_a_duplicate_column_or_no_rows(tiny_model, corpus, tmp_path):
+    audio = ["--audio-root", Path(corpus).parent]
+    folder = tmp_path
+    twice = folder / "twice.csv"
+    twice.write_text("id,path,activation,activation\nutt0000,wav/utt0000.wav,1,2\n")
+    one_line_error(run_cli("cache", "build", twice, *audio, "--model", tiny_model, "--out", tmp_path / "a"),
+                   str(twice), "'activation' appear more than once")
+    pq.write_table(pa.table([pa.array(["utt0000"]), pa.array(["wav/utt0000.wav"]), pa.array(["x"])],
+                            names=["id", "path", "id"]), folder / "twice.parquet")
+    one_line_error(run_cli("cache", "build", folder / "twice.parquet", *audio, "--model", tiny_model,
+                           "--out", tmp_path / "b"), "'id' appear more than once")
+    empty = folder / "empty.csv"
+    empty.write_text("id,path,split\n")
+    one_line_error(run_cli("cache", "build", empty, *audio, "--model", tiny_model, "--out", tmp_path / "c"),
+                   str(empty), "no rows")
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_pickle_in_a_model_folder_is_never_unpickled(tiny_model, corpus, tmp_path):
+    import pickle
+
+    import torch
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model, folder)
+    state = torch.nn.Linear(1, 1).state_dict()
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"state": state, "x": Payload()}))
+    one_line_error(run_cli("cache", "build", corpus, "--model", folder, "--out", tmp_path / "s"),
+                   str(folder), "pytorch_model.bin", "pickle")
+    assert not marker.exists() and not (tmp_path / "s").exists()
+
+
+def test_failed_finalisation_fails_the_build(tiny_model, corpus, tmp_path, monkeypatch):
+    import cachegen.store as store
+
+    def broken(self, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(store.StoreWriter, "finalize", broken)
+    out = tmp_path / "s.zarr"
+    one_line_error(run_cli("cache", "build", corpus, "--model", tiny_model, "--layers", 1, "--out",
+                           out, "--no-progress"), str(out), "could not finalise")
+
+
+def test_copy_and_pack_into_a_read_only_folder(built_store, tmp_path):
+    target = tmp_path / "ro"
+    target.mkdir()
+    with read_only(target):
+        one_line_error(run_cli("cache", "copy", built_store, target / "c.zarr"), str(target))
+        one_line_error(run_cli("cache", "pack", built_store, target / "p.zip"), str(target))
+    assert list(target.iterdir()) == []
+
+
+def test_disk_full_while_packing_leaves_no_zip(built_store, tmp_path, monkeypatch):
+    real_write, calls = zipfile.ZipFile.write, {"n": 0}
+
+    def filling_disk(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "write", filling_disk)
+    out = tmp_path / "s.zip"
+    one_line_error(run_cli("cache", "pack", built_store, out), str(out), "No space left")
+    assert not out.exists() and not Path(f"{out}.tmp").exists()
+    monkeypatch.setattr(zipfile.ZipFile, "write", real_write)
+    result = run_cli("cache", "pack", built_store, out)  # space freed: the same command finishes
+    assert result.exit_code == 0 and run_cli("cache", "verify", out).exit_code == 0
