@@ -57,7 +57,8 @@ def cache() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
               show_default=True, help="Storage dtype of the states.")
-@click.option("--batch-size", default=8, show_default=True)
+@click.option("--batch-size", default=8, show_default=True,
+              help="Utterances per batch (and at most 20 s of padded audio per utterance slot).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 @click.option("--workers", default=2, show_default=True, help="Background audio decoding threads.")
 @click.option("--audio-root", type=click.Path(file_okay=False), default=None,
@@ -72,9 +73,11 @@ def cache() -> None:
 @click.option("--pooled-layers", default=None, metavar="all|I,J,...",
               help="Also store each utterance's mean and std over frames of these layers' "
                    "hidden states (0 = input of layer 1), for `ser analyze probe`.")
+@click.option("--max-seconds", type=float, default=300.0, show_default=True,
+              help="Skip (and record) audio longer than this; 0: no limit. Memory grows with length.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def cache_build(manifest, model, layers, out, dtype, batch_size, device, workers, audio_root,
-                shard_frames, overwrite, part, pooled_layers, no_progress):
+                shard_frames, overwrite, part, pooled_layers, max_seconds, no_progress):
     """Run the feature encoder and lower LAYERS layers once; store each utterance's states."""
     from cachegen.build import BuildConfig, build_cache
 
@@ -82,6 +85,7 @@ def cache_build(manifest, model, layers, out, dtype, batch_size, device, workers
         manifest=manifest, out=out, model=model, layers=layers, dtype=dtype, batch_size=batch_size,
         device=device, workers=workers, overwrite=overwrite, audio_root=audio_root,
         shard_frames=shard_frames, part=_part(part), pooled_layers=pooled_layers,
+        max_seconds=max_seconds or None,
         progress=not no_progress))
     if summary.main:
         click.echo(summary.text())
@@ -107,7 +111,7 @@ def cache_info(store, as_json, cache_dir):
     """Show what a store holds: model, layer, dtype, utterances, hours, size, failures."""
     import json
 
-    from cachegen.inspect import format_info, store_info
+    from cachegen.verify import format_info, store_info
 
     info = store_info(store, cache_dir=cache_dir)
     click.echo(json.dumps(info, indent=2) if as_json else format_info(info))
@@ -118,7 +122,7 @@ def cache_info(store, as_json, cache_dir):
 @click.option("--cache-dir", default=None, help="Keep a remote store's files here after their first read.")
 def cache_verify(store, cache_dir):
     """Check every utterance's checksum and the index; exit 1 naming each problem."""
-    from cachegen.inspect import verify_store
+    from cachegen.verify import verify_store
 
     report = verify_store(store, cache_dir=cache_dir)
     for problem in report.problems:

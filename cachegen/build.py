@@ -44,6 +44,7 @@ class BuildConfig:
     shard_frames: int | None = None  # default: ~16 MiB shard files
     part: tuple[int, int] | None = None  # (I, N), 1-based: one of N independent jobs
     pooled_layers: str | None = None  # "all" or "0,6,12": also store per-utterance mean/std
+    max_seconds: float | None = 300.0  # longer audio is skipped and recorded; None: no limit
     progress: bool = True
 
     @property
@@ -69,6 +70,9 @@ class BuildConfig:
                 raise ConfigError(f"--pooled-layers {err}") from None
         if self.workers < 0:
             raise ConfigError(f"--workers {self.workers}: must be 0 or more")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ConfigError(f"--max-seconds {self.max_seconds}: must be more than 0 (0 on the "
+                              "command line means no limit)")
         if self.resolved_chunk_frames < 1 or (self.shard_frames is not None and (
                 self.shard_frames % self.resolved_chunk_frames)):
             raise ConfigError(f"--shard-frames {self.shard_frames}: must be a multiple of "
@@ -157,11 +161,25 @@ def _version() -> str:
         return "unknown"
 
 
+# Padded audio one batch may hold, per utterance of --batch-size: batches of short utterances
+# are --batch-size long, longer ones get fewer, and one longer than the whole budget runs alone,
+# so a batch never costs much more memory than --batch-size utterances of ~20 s.
+SECONDS_PER_SLOT = 20.0
+
+
 def batches_in_order(utterances: list[Utterance], seconds: dict[str, float], batch_size: int):
-    """Length-sorted batches, fixed by the manifest alone: a resumed build recomputes the same
-    batches as an uninterrupted one, so its bytes are the same."""
+    """Length-sorted batches of at most `batch_size` utterances and `batch_size` x 20 s of
+    padded audio (a long file alone), fixed by the manifest alone: a resumed build recomputes
+    the same batches as an uninterrupted one, so its bytes are the same."""
     ordered = sorted(utterances, key=lambda u: (seconds[u.id], u.id))
-    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    budget, batches = batch_size * SECONDS_PER_SLOT, []
+    for utterance in ordered:  # each is the longest of its batch so far: padding is its length
+        if batches and len(batches[-1]) < batch_size and (
+                (len(batches[-1]) + 1) * seconds[utterance.id] <= budget):
+            batches[-1].append(utterance)
+        else:
+            batches.append([utterance])
+    return batches
 
 
 def prepare_store(config: BuildConfig, meta: dict, *, check_only: bool = False) -> None:
@@ -206,11 +224,15 @@ def take_locks(config: BuildConfig, rank: int, state) -> list[BuildLock]:
     return []
 
 
-def decode(utterance: Utterance, feature_extractor, min_samples: int):
+def decode(utterance: Utterance, feature_extractor, min_samples: int, max_seconds: float | None = None):
     """Decoded and normalised samples, or the AudioError that explains why not."""
     try:
+        if max_seconds and audio_seconds(utterance.path) > max_seconds:  # not even decoded
+            raise too_long(utterance, audio_seconds(utterance.path), max_seconds)
         stat = os.stat(utterance.path)  # before reading: a later change shows as a new mtime
         samples, source_rate, digest = load_audio(utterance.path)
+        if max_seconds and samples.shape[0] > max_seconds * SAMPLE_RATE:  # its header understated it
+            raise too_long(utterance, samples.shape[0] / SAMPLE_RATE, max_seconds)
         if samples.shape[0] < min_samples:
             raise AudioError(f"{utterance.path}: {samples.shape[0]} samples at 16 kHz, shorter than "
                              f"the model's receptive field ({min_samples} samples)")
@@ -226,6 +248,12 @@ def decode(utterance: Utterance, feature_extractor, min_samples: int):
         return AudioError(f"{utterance.path}: cannot read: {err.strerror}"), None
     except AudioError as err:
         return err, None
+
+
+def too_long(utterance: Utterance, seconds: float, max_seconds: float) -> AudioError:
+    return AudioError(f"{utterance.path}: {seconds:.0f} s long, more than --max-seconds {max_seconds:g} "
+                      "(one utterance's memory grows with its length); pass a larger --max-seconds "
+                      "(or 0 for no limit) where memory allows, or cut the file")
 
 
 def audio_changed(utterance: Utterance, record: dict) -> bool:
@@ -385,10 +413,12 @@ def _build(config: BuildConfig, manifest, loaded: LoadedModel, meta: dict, *, ra
     fe, min_samples = loaded.feature_extractor, loaded.receptive_field
     try:
         ahead = 2 + config.workers // max(1, config.batch_size)
-        futures = [[decoder.submit(decode, u, fe, min_samples) for u in b] for b in batches[:ahead]]
+        futures = [[decoder.submit(decode, u, fe, min_samples, config.max_seconds) for u in b]
+                   for b in batches[:ahead]]
         for i, batch in enumerate(batches):
             if i + ahead < len(batches):
-                futures.append([decoder.submit(decode, u, fe, min_samples) for u in batches[i + ahead]])
+                futures.append([decoder.submit(decode, u, fe, min_samples, config.max_seconds)
+                                for u in batches[i + ahead]])
             results = [f.result() for f in futures[i]]
             futures[i] = None
             good = []
@@ -402,8 +432,7 @@ def _build(config: BuildConfig, manifest, loaded: LoadedModel, meta: dict, *, ra
                     continue
                 good.append((utterance, samples, info))
             if good:
-                states = lower([samples for _, samples, _ in good])
-                states, stats = states if pooled else (states, [None] * len(good))
+                states, stats, good = run_lower(lower, good, summary, writer, pooled=bool(pooled))
                 for (utterance, _, info), hidden, stat in zip(good, states, stats):
                     if utterance.id in writer.committed:
                         continue
@@ -453,6 +482,51 @@ def _build(config: BuildConfig, manifest, loaded: LoadedModel, meta: dict, *, ra
     summary.part = config.part
     summary.main = main or config.part is not None
     return summary
+
+
+def out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "memory" in str(err).lower()
+        and ("out of" in str(err).lower() or "not enough" in str(err).lower()))
+
+
+def run_lower(lower, good: list, summary: BuildSummary, writer: StoreWriter, *, pooled: bool):
+    """(states, pooled statistics or Nones, the items they belong to) of a batch; when it runs
+    out of memory, its utterances one at a time, and one that still does not fit is skipped
+    and recorded (the rest of the build goes on)."""
+    def run(items):
+        out = lower([samples for _, samples, _ in items])
+        return out if pooled else (out, [None] * len(items))
+
+    try:
+        return (*run(good), good)
+    except (RuntimeError, MemoryError) as err:
+        if not (isinstance(err, MemoryError) or out_of_memory(err)):
+            raise
+    import torch
+
+    if torch.cuda.is_available():  # untested on CUDA: give the failed batch's memory back
+        torch.cuda.empty_cache()
+    states, stats, kept = [], [], []
+    for item in good:
+        utterance, samples, _ = item
+        try:
+            one, stat = run([item])
+            states += list(one)
+            stats += list(stat)
+            kept.append(item)
+        except (RuntimeError, MemoryError) as err:
+            if not (isinstance(err, MemoryError) or out_of_memory(err)):
+                raise
+            if utterance.id not in writer.committed:
+                message = (f"{utterance.path}: out of memory for {samples.shape[0] / SAMPLE_RATE:.0f} s "
+                           "of audio; lower --max-seconds to skip such files up front, or use a "
+                           "device with more memory")
+                summary.failed.append({"id": utterance.id, "path": utterance.path, "error": message})
+                log.warning("skipped %s: %s", utterance.id, message)
+    return states, stats, kept
 
 
 def _finalize(writer: StoreWriter, manifest, summary: BuildSummary, config: BuildConfig, *,
