@@ -321,13 +321,6 @@ def build_cache(config: BuildConfig) -> BuildSummary:
 
     Failed audio does not raise: it is listed in the summary (and the store's metadata).
     """
-    import torch
-    from tqdm import tqdm
-
-    from .lower import LowerStack
-    from .pooled import PooledStack
-    from .store import committed_count
-
     config.validate()
     rank, world, state = writers(config)
     if world > 1 and config.overwrite:
@@ -361,6 +354,7 @@ def _build(config: BuildConfig, manifest, loaded: LoadedModel, meta: dict, *, ra
     from tqdm import tqdm
 
     from .lower import LowerStack
+    from .pooled import PooledStack
     from .store import committed_count
 
     prepare_store(config, meta)
