@@ -35,6 +35,13 @@ from .store import (ALLOWED_CODECS, FORMAT, FORMAT_VERSION, INDEX_OPTIONAL, INDE
 
 log = logging.getLogger(__name__)
 
+# What a store's files may weigh, decoded; anything larger is refused before it is read or
+# inflated (a zip or decompression bomb). A ser store's zarr.json and Parquet files stay far
+# below the first; the others follow from the chunk shapes, which must match the metadata.
+MAX_METADATA_BYTES = 256 * 2**20
+MAX_CHUNK_BYTES = 64 * 2**20  # one inner chunk of states
+MAX_SHARD_CHUNKS = 2**16  # inner chunks per shard (its index is 16 bytes each)
+
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|::")  # an fsspec URL, chained ones included
 EXTRAS = {"http": "http", "https": "http", "s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs"}
 ROOT, ARRAY, POOLED = "zarr.json", "states", "pooled"
@@ -66,6 +73,12 @@ def read_key(source: Source, key: str, start: int | None = None, end: int | None
     from zarr.core.sync import sync
 
     return sync(source.read(key, start, end))
+
+
+def read_key_size(source: Source, key: str) -> int | None:
+    from zarr.core.sync import sync
+
+    return sync(source.size(key))
 
 
 def byte_bounds(start: int | None, end: int | None, size: int) -> tuple[int, int]:
@@ -173,11 +186,13 @@ class ZipSource(Source):
         with self.lock:
             if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
                 return _span(self.file, start, end, info.file_size, offset=self._data_offset(info))
-            try:
-                data = self.archive.read(info)
-            except (RuntimeError, zipfile.BadZipFile, NotImplementedError) as err:
+            first, last = byte_bounds(start, end, info.file_size)
+            try:  # inflates only up to the range (seek inflates and drops in small blocks)
+                with self.archive.open(info) as member:
+                    member.seek(first)
+                    return member.read(last - first)
+            except (RuntimeError, zipfile.BadZipFile, NotImplementedError, OSError, EOFError) as err:
                 raise StoreCorrupt(f"{self.location}: cannot read zip member '{info.filename}' ({err})") from None
-        return _span(io.BytesIO(data), start, end, len(data))
 
     async def size(self, key):
         info = self.members.get(self.prefix + str(_member_path(key)))
@@ -481,6 +496,7 @@ class SourceStore(_store_base()):
         self._suffixes: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._suffix_bytes = 0
         self._spans: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._sized: set[str] = set()  # keys whose size was checked against the limits
 
     def __eq__(self, other):
         return isinstance(other, SourceStore) and other.source is self.source
@@ -488,9 +504,30 @@ class SourceStore(_store_base()):
     def __repr__(self):
         return f"SourceStore({self.source.location!r})"
 
+    limits: tuple[int, int] | None = None  # (chunk, shard) bytes, from `chunk_limits`
+
+    async def _refuse_large(self, key: str, byte_range) -> None:
+        """Refuse a range, or a file, larger than the chunk shapes allow, before a byte of it
+        is fetched or inflated (file sizes known without a request: zip, folder, local copy)."""
+        from zarr.abc.store import RangeByteRequest
+
+        shard = key.startswith(f"{ARRAY}/c/")
+        most, length = None, None
+        if isinstance(byte_range, RangeByteRequest) and shard and self.limits:
+            most, length = self.limits[0], byte_range.end - byte_range.start
+        elif key not in self._sized and self.source.kind in ("zip", "folder", "cached"):
+            self._sized.add(key)
+            most = (self.limits[1] if self.limits else None) if shard else (
+                None if key.startswith(f"{POOLED}/c/") else MAX_METADATA_BYTES)
+            length = await self.source.size(key) if most else None
+        if most and length is not None and length > most:
+            raise UnsafeInput(f"{self.source.location}: refusing to read {length} bytes of '{key}', more "
+                              f"than its chunk shapes allow ({most}); the store is damaged or hostile")
+
     async def get(self, key, prototype, byte_range=None):
         from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 
+        await self._refuse_large(key, byte_range)
         if byte_range is None:
             data = await self.source.read(key)
         elif isinstance(byte_range, RangeByteRequest):
@@ -618,6 +655,39 @@ def check_safe(location: str, array_meta: dict) -> None:
         raise StoreCorrupt(f"{location}: 'states' must be a 2-D array (frames, hidden)")
 
 
+def chunk_limits(location: str, meta: dict, array_meta: dict) -> tuple[int, int]:
+    """(most bytes of one encoded inner chunk, of one shard file) that the states' chunk shapes
+    allow, after checking that those shapes are the ones the metadata declares and are not
+    absurd. A chunk's decoded size is what zarr allocates to read even one frame of it.
+
+    Raises:
+        UnsafeInput: a chunk shape that the metadata does not justify."""
+    try:
+        shape = [int(n) for n in array_meta["shape"]]
+        shard = [int(n) for n in array_meta["chunk_grid"]["configuration"]["chunk_shape"]]
+        inner = shard
+        for codec in array_meta.get("codecs", []):
+            if isinstance(codec, dict) and codec.get("name") == "sharding_indexed":
+                inner = [int(n) for n in codec["configuration"]["chunk_shape"]]
+        itemsize = np.dtype(array_meta["data_type"]).itemsize
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise StoreCorrupt(f"{location}: cannot be opened: the states' chunk layout is unreadable ({err})") from None
+    hidden = meta["hidden_size"]
+    wrong = (len(shape) != 2 or len(shard) != 2 or len(inner) != 2 or shape[1] != hidden
+             or shard[1] != hidden or inner[1] != hidden or shard[0] != meta["shard_frames"]
+             or inner[0] != meta["chunk_frames"] or min(shard[0], inner[0]) < 1 or shard[0] % inner[0])
+    if wrong:
+        raise UnsafeInput(f"{location}: refusing states with shard shape {shard} and chunk shape "
+                          f"{inner}; the metadata declares ({meta['shard_frames']}, {hidden}) and "
+                          f"({meta['chunk_frames']}, {hidden})")
+    chunk_bytes, chunks = inner[0] * hidden * itemsize, shard[0] // inner[0]
+    if chunk_bytes > MAX_CHUNK_BYTES or chunks > MAX_SHARD_CHUNKS:
+        raise UnsafeInput(f"{location}: refusing chunks of {chunk_bytes / 2**20:.0f} MiB, {chunks} "
+                          f"per shard (at most {MAX_CHUNK_BYTES // 2**20} MiB and {MAX_SHARD_CHUNKS})")
+    encoded = chunk_bytes + chunk_bytes // 8 + 4096  # codec headers; compressed data never grows more
+    return encoded, chunks * encoded + chunks * 16 + 4
+
+
 def _coalescible(array_meta: dict) -> tuple[int, int, int] | None:
     """(rows per shard, rows per inner chunk, shard index bytes) when the states use the shard
     layout ser writes (index at the end, uint64 pairs then crc32c); otherwise None."""
@@ -659,7 +729,7 @@ class CacheReader:
 
     def _open(self, zarr) -> None:
         location = self.location
-        raw = read_key(self.source, ROOT)
+        raw = self._read_small(ROOT)
         if raw is None:
             raise StoreError(f"{location}: no zarr.json: not a ser store (an unfinished "
                              "`ser cache copy` has none until it is verified)")
@@ -690,6 +760,7 @@ class CacheReader:
         self.meta: dict = meta
         self.dtype: str = meta["dtype"]
         self.store = SourceStore(self.source)
+        self.store.limits = chunk_limits(location, meta, consolidated[ARRAY])
         group = zarr.open_group(self.store, mode="r", zarr_format=3, use_consolidated=True)
         self.states = group[ARRAY]
         self.pooled_layers: list[int] = list(meta.get("pooled_layers") or [])
@@ -723,8 +794,18 @@ class CacheReader:
                       zip(columns["id"], columns["start"], columns["frames"], columns["crc32"])}
         self._pooled_crc = dict(zip(columns["id"], columns.get(POOLED_CRC.name) or []))
 
+    def _read_small(self, key: str) -> bytes | None:
+        """A metadata file, refused unread when it is larger than any store's (a zip's declared
+        size, or a local file's, is known before anything is inflated or read)."""
+        if self.source.kind in ("zip", "folder"):
+            size = read_key_size(self.source, key)
+            if size is not None and size > MAX_METADATA_BYTES:
+                raise UnsafeInput(f"{self.location}: refusing {key} of {size} bytes (at most "
+                                  f"{MAX_METADATA_BYTES} for a store's metadata); damaged or hostile")
+        return read_key(self.source, key)
+
     def _parquet(self, key: str) -> pa.Table | None:
-        data = read_key(self.source, key)
+        data = self._read_small(key)
         if data is None:
             return None
         try:
@@ -754,7 +835,7 @@ class CacheReader:
             if self._layout:
                 self._prefetch(start, frames)
             raw = self.states[start:start + frames]
-        except StoreError:
+        except (StoreError, UnsafeInput):
             raise  # unreachable or refused: nothing is known about the bytes
         except Exception as err:  # a damaged shard fails inside the codec pipeline
             raise StoreCorrupt(f"{self.location}: utterance '{uid}' cannot be read ({err}); "

@@ -176,3 +176,59 @@ def test_disk_full_while_packing_leaves_no_zip(built_store, tmp_path, monkeypatc
     monkeypatch.setattr(zipfile.ZipFile, "write", real_write)
     result = run_cli("cache", "pack", built_store, out)  # space freed: the same command finishes
     assert result.exit_code == 0 and run_cli("cache", "verify", out).exit_code == 0
+
+
+def zipped(store, out, replace: dict, compress=zipfile.ZIP_STORED):
+    """`store` zipped, with members in `replace` {name: bytes} swapped in (deflated)."""
+    with zipfile.ZipFile(out, "w", compression=compress) as archive:
+        for path in sorted(p for p in Path(store).rglob("*") if p.is_file()):
+            name = path.relative_to(store).as_posix()
+            data = replace.get(name, path.read_bytes())
+            archive.writestr(zipfile.ZipInfo(name), data, compress_type=zipfile.ZIP_DEFLATED
+                             if name in replace else zipfile.ZIP_STORED)
+    return out
+
+
+def peak_memory(call):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        call()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("member", ["states/c/0/0", "index.parquet"])
+def test_zip_bomb_member_is_refused_before_inflating(member, built_store, tmp_path):
+    from cachegen.errors import UnsafeInput
+
+    bomb = zipped(built_store, tmp_path / "bomb.zip", {member: bytes(300 * 2**20)})
+    assert bomb.stat().st_size < 2 * 2**20  # 300 MiB of zeros deflate to a few hundred KiB
+
+    def read_all():
+        with pytest.raises(UnsafeInput, match="refusing"):
+            with open_cache(bomb) as reader:
+                for uid in reader.ids:
+                    reader.read_raw(uid)
+
+    assert peak_memory(read_all) < 64 * 2**20
+    one_line_error(run_cli("cache", "verify", bomb), "refusing", member.split("/")[-1])
+
+
+def test_chunk_shape_bomb_is_refused_before_reading(built_store, tmp_path):
+    copy = tmp_path / "huge-chunks.zarr"
+    shutil.copytree(built_store, copy)
+    root = json.loads((copy / "zarr.json").read_text())
+    states = root["consolidated_metadata"]["metadata"]["states"]
+    states["codecs"][0]["configuration"]["chunk_shape"] = [2**23, states["shape"][1]]
+    (copy / "zarr.json").write_text(json.dumps(root))
+    one_line_error(run_cli("cache", "verify", copy), "refusing states with", "chunk shape [8388608")
+    # and consistent lies (metadata too) are refused by size
+    root["attributes"]["ser"]["chunk_frames"] = 2**23
+    root["attributes"]["ser"]["shard_frames"] = 2**23
+    states["chunk_grid"]["configuration"]["chunk_shape"] = [2**23, states["shape"][1]]
+    (copy / "zarr.json").write_text(json.dumps(root))
+    one_line_error(run_cli("cache", "verify", copy), "refusing chunks of 1024 MiB")
