@@ -10,11 +10,26 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 import torch
 
-BUCKET_BATCHES = 32  # batches per sorting bucket: enough to cut padding, small enough to shuffle
+BUCKET_BATCHES = 32  # batches per sorting bucket of `length` batching
+
+
+class Batching(str, Enum):
+    """How training utterances are grouped into batches (`--batching`).
+
+    RANDOM: every batch is a random sample of the training split, so a per-batch CCC loss sees
+        the spread of the targets (docs/training.md: measured against LENGTH).
+    LENGTH: shuffled, sorted by length within buckets of BUCKET_BATCHES batches: less padding,
+        but where duration follows the targets (speaking rate drives both) each batch holds
+        nearly one target value and the CCC loss learns much worse.
+    """
+
+    RANDOM = "random"
+    LENGTH = "length"
 
 
 @dataclass
@@ -33,9 +48,14 @@ class Batch:
 
 
 def plan_batches(lengths: list[int], *, batch_size: int, seed: int, epoch: int,
-                 shuffle: bool = True) -> list[list[int]]:
-    """Index batches: shuffled, then sorted by length within buckets of BUCKET_BATCHES batches,
-    then the batch order shuffled. Without `shuffle`: sorted by length (evaluation)."""
+                 shuffle: bool = True, batching: Batching | str = Batching.RANDOM) -> list[list[int]]:
+    """Index batches for one epoch, fixed by the seed, the epoch and the lengths alone (so a
+    store and the audio give the same batches).
+
+    Args:
+        shuffle: False for evaluation: sorted by length, no randomness (nothing is learnt).
+        batching: RANDOM (a shuffle cut into batches) or LENGTH (see `Batching`).
+    """
     order = np.arange(len(lengths))
     lengths = np.asarray(lengths)
     if not shuffle:
@@ -43,6 +63,8 @@ def plan_batches(lengths: list[int], *, batch_size: int, seed: int, epoch: int,
         return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(order)
+    if Batching(batching) is Batching.RANDOM:
+        return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
     bucket = batch_size * BUCKET_BATCHES
     batches = []
     for start in range(0, len(order), bucket):

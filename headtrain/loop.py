@@ -68,12 +68,13 @@ def fit(*, model, optimizer, scheduler, accelerator, loss_fn: Callable, epochs: 
         seen = int(accelerator.reduce(torch.tensor(seen, device=accelerator.device), "sum"))
         dev = evaluate()
         record = {"epoch": epoch + 1, "train_loss": loss_sum / steps if steps else None,
-                  "dev": dev["metrics"], "dev_mean_ccc": dev["mean_ccc"], "seconds": seconds,
+                  "dev": dev["metrics"], "dev_mean_ccc": dev["mean_ccc"], "dev_score": dev["score"],
+                  "seconds": seconds,
                   "utterances_per_second": seen / seconds if seconds else None,
                   "skipped_steps": skipped, "lr": scheduler.get_last_lr()[0]}
-        improved = math.isfinite(dev["mean_ccc"]) and dev["mean_ccc"] > best
+        improved = math.isfinite(dev["score"]) and dev["score"] > best
         if improved:
-            best, stale = dev["mean_ccc"], 0
+            best, stale = dev["score"], 0
         else:
             stale += 1
         history.append(record)

@@ -12,6 +12,7 @@ import torch
 
 from cachegen.errors import ConfigError, StoreMismatch
 
+from .data import Batching
 from .labels import Split, drop_failed, load_splits, read_labels
 from .upper import STRATEGIES
 
@@ -45,6 +46,8 @@ class TrainConfig:
     batch_size: int = 16
     max_frames: int | None = None
     early_stop: int | None = None
+    batching: str = "random"  # a Batching value: random, or length (less padding, worse CCC)
+    select: str = "mean"  # best epoch by mean dev CCC over the targets, or by one target's CCC
     amp: str | None = None  # default: bf16 on GPUs that support it, fp16 on older GPUs, no on CPU
     device: str | None = None
     lora_rank: int = 8
@@ -85,6 +88,12 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.batching not in {b.value for b in Batching}:
+            raise ConfigError(f"--batching {self.batching!r}: choose one of "
+                              f"{', '.join(b.value for b in Batching)}")
+        if self.select != "mean" and self.select not in self.targets:
+            raise ConfigError(f"--select {self.select!r}: choose 'mean' or one of the targets "
+                              f"({', '.join(self.targets)})")
         if self.loss not in ("ccc", "mse"):
             raise ConfigError(f"--loss {self.loss!r}: choose ccc or mse")
         if self.amp is not None and self.amp not in AMP_CHOICES:
@@ -250,7 +259,8 @@ def train(config: TrainConfig) -> TrainResult:
     global_batch = config.batch_size * processes
 
     def epoch_plan(epoch: int) -> list[list[int]]:
-        plan = plan_batches(train_lengths, batch_size=global_batch, seed=config.seed, epoch=epoch)
+        plan = plan_batches(train_lengths, batch_size=global_batch, seed=config.seed, epoch=epoch,
+                            batching=config.batching)
         return local_plan(plan, process, processes)
 
     steps_per_epoch = len(epoch_plan(0))
@@ -272,7 +282,9 @@ def train(config: TrainConfig) -> TrainResult:
         pred = predict_split(model, source, dev_split.ids, batch_size=config.batch_size,
                              device=device, accelerator=accelerator, workers=config.workers)
         metrics = target_metrics(pred * std + mean, dev_split.targets, list(config.targets))
-        return {"metrics": metrics, "mean_ccc": mean_ccc(metrics)}
+        average = mean_ccc(metrics)
+        return {"metrics": metrics, "mean_ccc": average,
+                "score": average if config.select == "mean" else metrics[config.select]["ccc"]}
 
     info = {
         "format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "strategy": strategy,
@@ -311,7 +323,7 @@ def train(config: TrainConfig) -> TrainResult:
     def on_epoch(record: dict, improved: bool) -> None:
         history.append(record)
         if improved:
-            best.update(epoch=record["epoch"], dev=record["dev"], mean=record["dev_mean_ccc"])
+            best.update(epoch=record["epoch"], dev=record["dev"], mean=record["dev_score"])
         if accelerator.is_main_process:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
