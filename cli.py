@@ -174,7 +174,8 @@ def _floats(value: str | None, option: str) -> tuple[float, float] | None:
               help="Label columns to predict, comma-separated.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--resume", default=None, type=click.Path(file_okay=False, exists=True),
-              help="Continue this run from its last epoch checkpoint (same options).")
+              help="Continue this run from its last epoch checkpoint, with the options it was "
+                   "started with.")
 @click.option("--labels", default=None, type=click.Path(dir_okay=False),
               help="Labels table (CSV/Parquet: id, targets, split) instead of the store's.")
 @click.option("--train-split", default="train", show_default=True)
@@ -208,17 +209,33 @@ def _floats(value: str | None, option: str) -> tuple[float, float] | None:
 @click.option("--cache-dir", default=None, help="Keep a local copy of remote store files here (later epochs and runs read it).")
 @click.option("--audio-root", default=None, type=click.Path(file_okay=False))
 @click.option("--no-progress", is_flag=True)
-def train_command(targets, label_range, no_progress, out, resume, **options):
-    """Finetune the top K layers and a regression head (from a store or from audio)."""
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run in --out (removes only the files a run writes).")
+@click.pass_context
+def train_command(ctx, targets, label_range, no_progress, out, resume, **options):
+    """Finetune the top K layers and a regression head (from a store or from audio).
+
+    `--resume RUN` alone continues RUN with the options it was started with; options given
+    again must agree with them (the store, model and labels locations may change)."""
+    from click.core import ParameterSource
+
     from headtrain import TrainConfig, train
+    from headtrain.train import resume_config
 
     if resume and out and Path(out).resolve() != Path(resume).resolve():
         raise click.BadParameter("--resume continues a run in place: drop --out or give the same folder")
     if not (out or resume):
         raise click.UsageError("Missing option '--out'.")
-    result = train(TrainConfig(out=out or resume, resume=bool(resume), targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
-                               label_range=_floats(label_range, "--label-range"),
-                               progress=not no_progress, **options))
+    options.update(targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+                   label_range=_floats(label_range, "--label-range"), progress=not no_progress)
+    if resume:
+        given = {name: value for name, value in options.items()
+                 if ctx.get_parameter_source({"progress": "no_progress"}.get(name, name))
+                 is not ParameterSource.DEFAULT}
+        config = resume_config(resume, **given)
+    else:
+        config = TrainConfig(out=out, **options)
+    result = train(config)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:

@@ -89,9 +89,10 @@ def evaluate(config: EvaluateConfig) -> dict:
     from .labels import drop_failed, load_splits, read_labels
     from .metrics import target_metrics
     from .plots import plot_scatter
-    from .run import write_json
+    from .run import refuse_run_output, write_json
 
     config.validate()
+    refuse_run_output(Path(config.out), option="--out")
     run, source, table, table_name, available = open_for_run(
         config.run, from_cache=config.from_cache, manifest=config.manifest, model=config.model,
         cache_dir=config.cache_dir, audio_root=config.audio_root)

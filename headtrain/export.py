@@ -9,17 +9,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .run import EXPORT_FORMAT, RUN_FORMAT_VERSION, load_run, save_tensors, write_json
+from cachegen.errors import ConfigError
+
+from .run import (EXPORT_FORMAT, RUN_FORMAT_VERSION, load_run, read_run_info, refuse_run_output,
+                  save_tensors, write_json)
+
+# What an export writes (transformers' files, then ours): a folder holding any of them that is
+# not an earlier export belongs to someone else.
+EXPORT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "head.safetensors",
+                "ser_head.json")
 from .upper import merge_lora
 
 
 def export(run_dir: str, out: str, *, model: str | None = None) -> Path:
     """Write the whole trained network of `run_dir` to `out`; returns the output path."""
+    out_dir = Path(out)
+    refuse_run_output(out_dir, option="--out")
+    check_export_dir(out_dir)
     run = load_run(run_dir, from_audio=True, model=model)
     emotion = run.model
     merge_lora(emotion.backbone)
     backbone = emotion.backbone
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     backbone.save_pretrained(out_dir)
     run.feature_extractor.save_pretrained(out_dir)
@@ -34,3 +44,21 @@ def export(run_dir: str, out: str, *, model: str | None = None) -> Path:
                                                       "cache_layer", "top_layers", "best_epoch")},
     }, out_dir / "ser_head.json")
     return out_dir
+
+
+def check_export_dir(out_dir: Path) -> None:
+    """Refuse to replace files in `out_dir` that an earlier `ser export` did not write.
+
+    Raises:
+        ConfigError: naming the first such file.
+    """
+    present = [name for name in EXPORT_FILES if (out_dir / name).exists()]
+    if not present:
+        return
+    try:
+        exported = read_run_info(out_dir)["format"] == EXPORT_FORMAT
+    except ConfigError:
+        exported = False
+    if not exported:
+        raise ConfigError(f"--out {out_dir}: holds {present[0]}, which `ser export` did not write; "
+                          "export into another folder (nothing was changed)")

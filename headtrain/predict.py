@@ -42,9 +42,10 @@ def predict(config: PredictConfig) -> int:
 
     from .data import AudioSource
     from .evaluate import predict_split, write_predictions
-    from .run import load_run
+    from .run import load_run, refuse_run_output
 
     config.validate()
+    refuse_run_output(Path(config.out), option="--out")
     if config.manifest:
         manifest = load_manifest(config.manifest, audio_root=config.audio_root)
         table = manifest.table

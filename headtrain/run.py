@@ -33,6 +33,84 @@ def write_json(data: dict, path: Path) -> None:
     write_atomic(path, json.dumps(data, indent=2, default=str).encode())
 
 
+CHECKPOINT = "checkpoint"
+# Everything `ser train` writes into its run directory; --overwrite removes these and nothing else.
+RUN_FILES = ("config.json", WEIGHTS, "log.jsonl", "metrics.json", "curves.png", CHECKPOINT,
+             f"{CHECKPOINT}.partial", f"{CHECKPOINT}.old")
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether `path` holds a run of `ser train` (its config.json says so)."""
+    config = Path(path) / "config.json"
+    try:
+        info = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("format") == RUN_FORMAT
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a run, export or checkpoint file.
+
+    Raises:
+        ConfigError: unreadable, not JSON (cut short or edited), or not an object.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
+    except ValueError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err}); the file was cut short or edited") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: holds {type(data).__name__}, not a JSON object")
+    return data
+
+
+def check_fields(path: Path, data: dict, fields: dict, *, prefix: str = "") -> None:
+    """Check that `data` (read from `path`) has every field of `fields` ({name: (check, what is
+    expected)}) with a value that passes its check.
+
+    Raises:
+        ConfigError: naming the file and the first missing or wrong field.
+    """
+    for name, (ok, expected) in fields.items():
+        if name not in data:
+            raise ConfigError(f"{path}: field '{prefix}{name}' is missing ({expected} expected); "
+                              "the file was cut short or edited")
+        if not ok(data[name]):
+            shown = json.dumps(data[name])
+            raise ConfigError(f"{path}: field '{prefix}{name}' is {shown[:60]}"
+                              f"{'…' if len(shown) > 60 else ''}, expected {expected}")
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    import math
+
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def refuse_run_output(path: Path, *, option: str) -> None:
+    """Refuse output of another command (evaluate, export, predict) that would land in a run
+    directory's own files: `path` is a run directory, or one of a run's files or folders.
+
+    Raises:
+        ConfigError: naming the option, the run and where to write instead.
+    """
+    run_dir = path if is_run_dir(path) else path.parent if path.name in RUN_FILES and is_run_dir(path.parent) else None
+    if run_dir is not None:
+        raise ConfigError(f"{option} {path}: would write into the files of the training run in "
+                          f"{run_dir}, which belong to it; write elsewhere (e.g. {run_dir / 'test'})")
+
+
 @dataclass
 class LoadedRun:
     model: torch.nn.Module  # EmotionModel, eval mode
@@ -121,9 +199,6 @@ def load_run(run_dir: str | Path, *, from_audio: bool, cache_layer: int | None =
                      targets=info["targets"], mean=np.array(info["label_mean"]),
                      std=np.array(info["label_std"]))
 
-
-
-CHECKPOINT = "checkpoint"
 
 
 def save_checkpoint(run_dir: Path, *, model, optimizer, scheduler, state: dict) -> None:

@@ -56,6 +56,7 @@ class TrainConfig:
     cache_dir: str | None = None
     audio_root: str | None = None
     resume: bool = False  # continue the run in `out` from its last epoch checkpoint
+    overwrite: bool = False  # replace the run in `out` (only the files a run writes)
     progress: bool = True
 
     @property
@@ -104,6 +105,8 @@ class TrainConfig:
             raise ConfigError(f"--dropout {self.dropout}: must be in [0, 1)")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"--warmup {self.warmup}: a fraction of the steps, in [0, 1)")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues a run, --overwrite replaces it: pass one of them")
         if self.train_split == self.dev_split:
             raise ConfigError(f"--train-split and --dev-split are both '{self.train_split}'")
         if self.label_range and self.label_range[0] >= self.label_range[1]:
@@ -125,6 +128,38 @@ class TrainConfig:
         if self.resolved_device.startswith("cuda"):
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "no"
+
+
+def _option_types() -> dict:
+    """{field: (check, what is expected)} for every TrainConfig field, from its annotation: how
+    a run's saved config.json is checked before a resume trusts it."""
+    from dataclasses import fields
+
+    from .run import is_int, is_number
+
+    def optional(check):
+        return lambda v: v is None or check(v)
+
+    by_annotation = {
+        "str": (lambda v: isinstance(v, str), "a string"),
+        "int": (is_int, "an integer"),
+        "float": (is_number, "a finite number"),
+        "bool": (lambda v: isinstance(v, bool), "true or false"),
+        "tuple[str, ...]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                            "a list of strings"),
+        "tuple[float, float]": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(is_number, v)),
+                                "[LOW, HIGH]"),
+    }
+    types = {}
+    for f in fields(TrainConfig):
+        annotation = str(f.type)
+        base = annotation.removesuffix(" | None")
+        check, expected = by_annotation.get(base, (lambda v: True, "a value"))  # newer kinds: validate() checks
+        types[f.name] = (optional(check), f"{expected} or null") if base != annotation else (check, expected)
+    return types
+
+
+OPTION_TYPES = _option_types()
 
 
 @dataclass
@@ -191,8 +226,11 @@ def check_store_matches(location: str, meta: dict, loaded) -> None:
 
 
 # Options that may differ when resuming: they change where and how fast, not what is computed.
-RESUMABLE_CHANGES = {"progress", "workers", "device", "cache_dir", "resume", "out", "from_cache",
-                     "manifest", "model", "audio_root", "labels"}
+# Where the store, model and labels are may change; what they hold may not (checked by hash).
+RESUMABLE_CHANGES = {"progress", "workers", "device", "cache_dir", "resume", "overwrite", "out",
+                     "from_cache", "manifest", "model", "audio_root", "labels"}
+# Options added after runs were first written, with the value those older runs used.
+BEFORE_OPTION = {"batching": "length", "select": "mean", "overwrite": False}
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -223,8 +261,8 @@ def train(config: TrainConfig) -> TrainResult:
 
     config.validate()
     run_dir = Path(config.out)
-    if config.resume:
-        check_resumable(config, run_dir)
+    saved_info = check_resumable(config, run_dir) if config.resume else None
+    replaced = run_files_in_the_way(run_dir, resume=config.resume, overwrite=config.overwrite)
     accelerator = Accelerator(mixed_precision=config.resolved_amp, cpu=config.resolved_device == "cpu")
     strategy = config.resolved_strategy
     source, table, table_name, loaded, cache_layer, store_meta = open_sources(config)
@@ -296,7 +334,9 @@ def train(config: TrainConfig) -> TrainResult:
         "trainable_parameters": trainable, "total_parameters": total,
         "store": None if store_meta is None else {
             "location": config.from_cache, "layers": store_meta["layers"], "dtype": store_meta["dtype"],
-            "model_sha256": store_meta["model_sha256"], "format_version": store_meta["format_version"]},
+            "model_sha256": store_meta["model_sha256"], "format_version": store_meta["format_version"],
+            "states_sha256": states_fingerprint(source.reader, train_split.ids + dev_split.ids)},
+        "labels_sha256": labels_fingerprint(train_split, dev_split),
         "config": asdict(config), "amp": config.resolved_amp, "device": str(device),
         "processes": processes, "global_batch_size": global_batch,
         "train_utterances": len(train_split.ids), "dev_utterances": len(dev_split.ids),
@@ -305,7 +345,8 @@ def train(config: TrainConfig) -> TrainResult:
     best = {"epoch": 0, "dev": None, "mean": -math.inf}
     history: list[dict] = []
     start_epoch = 0
-    if config.resume:
+    if saved_info is not None:
+        check_same_data(run_dir, saved_info, info)
         state = load_checkpoint(run_dir, model=accelerator.unwrap_model(model), optimizer=optimizer,
                                 scheduler=scheduler)
         start_epoch, history, best = state["epoch"], state["history"], state["best"]
@@ -313,6 +354,7 @@ def train(config: TrainConfig) -> TrainResult:
         if accelerator.is_main_process:
             log.info("resuming %s after epoch %d of %d", run_dir, start_epoch, config.epochs)
     if accelerator.is_main_process:
+        remove_run_files(run_dir, replaced)
         run_dir.mkdir(parents=True, exist_ok=True)
         # a resumed run forgets epochs logged after its checkpoint: they are trained again
         log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
@@ -347,7 +389,8 @@ def train(config: TrainConfig) -> TrainResult:
         loss_fn=global_loss(LOSSES[config.loss], accelerator), epochs=config.epochs, clip=config.clip,
         train_batches=train_batches, evaluate=evaluate, on_epoch=on_epoch,
         early_stop=config.early_stop, progress=config.progress, steps_per_epoch=steps_per_epoch,
-        start_epoch=start_epoch, best=best["mean"])
+        start_epoch=start_epoch, best=best["mean"],
+        stale=history[-1].get("epochs_without_gain", 0) if history else 0)
     if accelerator.is_main_process:
         if best["epoch"] == 0:  # dev CCC was never finite: keep the last weights, flagged
             save_tensors(accelerator.unwrap_model(model).trained_state(), run_dir / WEIGHTS)
@@ -359,18 +402,129 @@ def train(config: TrainConfig) -> TrainResult:
                        history=history, trainable_parameters=trainable, total_parameters=total)
 
 
-def check_resumable(config: TrainConfig, run_dir: Path) -> None:
-    """A resumed run must compute what the interrupted one would have: same training options."""
-    import json
+def saved_options(run_dir: Path) -> tuple[dict, dict]:
+    """(config.json of the run in `run_dir`, its training options checked field by field).
+
+    Raises:
+        ConfigError: not a run directory, or config.json was edited or cut (naming the field).
+    """
+    from .run import check_fields, read_json
 
     path = run_dir / "config.json"
     if not path.is_file():
         raise ConfigError(f"--resume {run_dir}: no config.json there; is it a run directory?")
-    saved = json.loads(path.read_text()).get("config", {})
-    current = asdict(config)
-    for name, value in current.items():
-        old = saved.get(name)
-        if name in RESUMABLE_CHANGES or old == value or (isinstance(value, tuple) and list(value) == old):
+    info = read_json(path)
+    check_fields(path, info, {"config": (lambda v: isinstance(v, dict), "an object of options")})
+    saved = {**BEFORE_OPTION, **info["config"]}
+    check_fields(path, saved, OPTION_TYPES, prefix="config.")
+    unknown = sorted(set(saved) - set(OPTION_TYPES))
+    if unknown:
+        raise ConfigError(f"{path}: field 'config.{unknown[0]}' is not an option of this ser's "
+                          "`ser train`; the run comes from another version, or the file was edited")
+    for name in ("targets", "label_range"):
+        saved[name] = None if saved[name] is None else tuple(saved[name])
+    return info, saved
+
+
+def resume_config(run_dir: str | Path, **given) -> TrainConfig:
+    """The options of the run in `run_dir` (its config.json), with `given` options on top.
+
+    Options that change what is computed must agree with the saved ones; the store, model,
+    labels and audio locations (and progress, workers, device, cache dir) may change.
+
+    Raises:
+        ConfigError: naming the first option that differs, or a damaged config.json.
+    """
+    run_dir = Path(run_dir)
+    _, saved = saved_options(run_dir)
+    config = TrainConfig(**{**saved, "overwrite": False, **given, "out": str(run_dir), "resume": True})
+    check_resumable(config, run_dir)
+    return config
+
+
+def check_resumable(config: TrainConfig, run_dir: Path) -> dict:
+    """A resumed run must compute what the interrupted one would have: same training options.
+    Returns the run's config.json."""
+    info, saved = saved_options(run_dir)
+    for name, value in asdict(config).items():
+        if name in RESUMABLE_CHANGES or saved[name] == value:
             continue
-        raise ConfigError(f"--resume {run_dir}: the run used --{name.replace('_', '-')} {old!r}, "
-                          f"this command {value!r}; resume with the same options")
+        raise ConfigError(f"--resume {run_dir}: the run used --{name.replace('_', '-')} "
+                          f"{_shown(saved[name])}, this command {_shown(value)}; drop the option "
+                          "or give the value the run used")
+    return info
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+
+
+def states_fingerprint(reader, ids: list[str]) -> str:
+    """sha256 of what a store holds for `ids` (frames and checksum of each): another store, or
+    a rebuilt one with other states, gives another value."""
+    import hashlib
+
+    columns = reader.index.select(["id", "frames", "crc32"]).to_pydict()
+    rows = {uid: (frames, crc) for uid, frames, crc in zip(columns["id"], columns["frames"], columns["crc32"])}
+    return hashlib.sha256(repr([(uid, *rows[uid]) for uid in ids]).encode()).hexdigest()
+
+
+def labels_fingerprint(*splits: Split) -> str:
+    """sha256 of the ids and target values of `splits`, in order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for split in splits:
+        digest.update(repr((split.name, split.ids)).encode())
+        digest.update(np.ascontiguousarray(split.targets, dtype=np.float64).tobytes())
+    return digest.hexdigest()
+
+
+def check_same_data(run_dir: Path, saved: dict, current: dict) -> None:
+    """A resumed run continues on the same model weights, store states and labels.
+
+    Raises:
+        ConfigError: naming what differs and the option that chooses it.
+    """
+    checks = [("model_sha256", "model weights", "--model"), ("labels_sha256", "labels", "--labels")]
+    saved_store, store = saved.get("store") or {}, current.get("store") or {}
+    differs = [name for name in ("layers", "dtype", "model_sha256", "states_sha256")
+               if name in saved_store and saved_store[name] != store.get(name)]
+    if differs:
+        raise ConfigError(f"--resume {run_dir}: the store differs from the one the run trained on "
+                          f"(field store.{differs[0]}); resume with --from-cache "
+                          f"{saved_store.get('location')} or a copy of it")
+    for field_name, what, option in checks:
+        if field_name in saved and saved[field_name] != current[field_name]:
+            raise ConfigError(f"--resume {run_dir}: the {what} differ from those the run trained on "
+                              f"(field {field_name}); resume with the {option} the run used")
+
+
+def run_files_in_the_way(run_dir: Path, *, resume: bool, overwrite: bool) -> list[str]:
+    """The run files `--overwrite` will remove from `run_dir` (checked before any work).
+
+    Raises:
+        ConfigError: `run_dir` holds a run and neither --resume nor --overwrite was given, or
+            files named like a run's that `ser train` did not write.
+    """
+    from .run import RUN_FILES, is_run_dir
+
+    present = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if resume or not present:
+        return []
+    if not is_run_dir(run_dir):
+        raise ConfigError(f"--out {run_dir}: holds {present[0]}, which `ser train` did not write; "
+                          "train into another folder (nothing was changed)")
+    if not overwrite:
+        raise ConfigError(f"--out {run_dir} already holds a run; pass --resume {run_dir} to continue "
+                          "it, or --overwrite to replace it")
+    return present
+
+
+def remove_run_files(run_dir: Path, names: list[str]) -> None:
+    """Remove a replaced run's own files; anything else in the folder stays."""
+    import shutil
+
+    for name in names:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
