@@ -76,8 +76,12 @@ class EvaluateConfig:
 
     def validate(self) -> None:
         from cachegen.errors import ConfigError
+        from .device import resolve_device
         if bool(self.from_cache) == bool(self.manifest):
             raise ConfigError("pass exactly one of --from-cache STORE or --manifest MANIFEST")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+        resolve_device(self.device)
 
 
 def evaluate(config: EvaluateConfig) -> dict:
@@ -86,6 +90,7 @@ def evaluate(config: EvaluateConfig) -> dict:
     Returns the metrics: {target: {"ccc", "pearson", "mse"}}.
     """
     from .data import CacheSource
+    from .device import resolve_device
     from .labels import drop_failed, load_splits, read_labels
     from .metrics import target_metrics
     from .plots import plot_scatter
@@ -102,7 +107,7 @@ def evaluate(config: EvaluateConfig) -> dict:
         table = drop_failed(table, source.reader.meta)
     split = load_splits(table, source=table_name, targets=run.targets, splits=[config.split],
                         available=available)[config.split]
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(config.device)
     model = run.model.to(device)
     pred = run.to_label_scale(predict_split(model, source, split.ids, batch_size=config.batch_size,
                                             device=device))

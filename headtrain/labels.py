@@ -11,6 +11,7 @@ import pyarrow as pa
 from cachegen.errors import ManifestError
 
 MAX_LISTED = 10
+MAX_LABEL = 1e15  # larger labels are an error in the table, and their squares lose all precision
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,16 @@ def load_splits(table: pa.Table, *, source: str, targets: list[str], splits: lis
         blank = [r["id"] for r in used if r[target] is None or math.isnan(r[target])]
         if blank:
             problems.append(f"'{target}' is blank or NaN for {len(blank)} row(s): {_listed(blank)}")
+        # beyond ±MAX_LABEL the standardisation (squares) overflows; 1e400 parses as Inf
+        huge = [f"{r['id']}={r[target]:g}" for r in used if r[target] is not None
+                and not math.isnan(r[target]) and not abs(r[target]) <= MAX_LABEL]
+        if huge:
+            problems.append(f"'{target}' is infinite or beyond ±{MAX_LABEL:g} for {len(huge)} row(s): "
+                            f"{_listed(huge)}")
         if label_range:
             low, high = label_range
             outside = [f"{r['id']}={r[target]:g}" for r in used if r[target] is not None
-                       and not math.isnan(r[target]) and not low <= r[target] <= high]
+                       and abs(r[target]) <= MAX_LABEL and not low <= r[target] <= high]
             if outside:
                 problems.append(f"'{target}' outside [{low:g}, {high:g}] for {len(outside)} row(s): "
                                 f"{_listed(outside)}")

@@ -9,6 +9,8 @@ import torch
 
 from cachegen.errors import ConfigError
 
+from .device import resolve_device
+
 
 @dataclass(frozen=True)
 class PredictConfig:
@@ -27,6 +29,9 @@ class PredictConfig:
             raise ConfigError("pass audio files or --manifest MANIFEST (one of them)")
         if self.split and not self.manifest:
             raise ConfigError("--split needs --manifest")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+        resolve_device(self.device)
 
 
 def predict(config: PredictConfig) -> int:
@@ -72,7 +77,7 @@ def predict(config: PredictConfig) -> int:
     except RuntimeError as err:  # soundfile cannot read a header
         raise AudioError(f"cannot read audio: {err}") from None
     ids = [u.id for u in utterances]
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(config.device)
     pred = run.to_label_scale(predict_split(run.model.to(device), source, ids,
                                             batch_size=config.batch_size, device=device))
     true = None

@@ -111,15 +111,28 @@ class TrainConfig:
             raise ConfigError(f"--train-split and --dev-split are both '{self.train_split}'")
         if self.label_range and self.label_range[0] >= self.label_range[1]:
             raise ConfigError(f"--label-range {self.label_range}: LOW must be below HIGH")
+        for name in ("lr", "head_lr", "weight_decay", "clip"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {value}: must be a finite number, 0 or more")
+        for name in ("lora_rank", "lora_alpha"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.early_stop is not None and self.early_stop < 1:
+            raise ConfigError(f"--early-stop {self.early_stop}: must be at least 1 (epochs without a gain)")
+        if self.workers < 0:
+            raise ConfigError(f"--workers {self.workers}: must be 0 or more")
+        if self.label_range and not all(map(math.isfinite, self.label_range)):
+            raise ConfigError(f"--label-range {self.label_range}: LOW and HIGH must be finite numbers")
         device = self.resolved_device
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
         if self.resolved_amp == "fp16" and not device.startswith("cuda"):
             raise ConfigError("--amp fp16 needs a CUDA GPU; on CPU use --amp bf16 or --amp no")
 
     @property
     def resolved_device(self) -> str:
-        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        from .device import resolve_device
+
+        return resolve_device(self.device)
 
     @property
     def resolved_amp(self) -> str:
