@@ -269,20 +269,29 @@ def evaluate_command(**options):
 
 @main.command("predict")
 @click.argument("run", type=click.Path(file_okay=False, exists=True))
-@click.argument("audio", nargs=-1, type=click.Path(dir_okay=False))
+@click.argument("audio", nargs=-1, type=click.Path())
 @click.option("--manifest", default=None, type=click.Path(dir_okay=False))
 @click.option("--split", default=None)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Predictions CSV.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Predictions: .csv, or .parquet.")
 @click.option("--model", default=None, help="Base checkpoint, if moved since training.")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--device", default=None)
 @click.option("--audio-root", default=None, type=click.Path(file_okay=False))
-def predict_command(audio, **options):
-    """Predict from raw audio with a run or an exported model (no store needed)."""
+@click.option("--workers", default=2, show_default=True, help="Background audio decoding threads.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def predict_command(audio, no_progress, **options):
+    """Predict from raw audio files or folders with a run or an exported model (no store needed).
+
+    Files that cannot be used (unreadable, empty, shorter than the model's receptive field)
+    are skipped and named; the others are predicted; the exit status is then 1."""
     from headtrain import PredictConfig, predict
 
-    count = predict(PredictConfig(audio=tuple(audio), **options))
-    click.echo(f"predicted {count} utterances into {options['out']}")
+    result = predict(PredictConfig(audio=tuple(audio), progress=not no_progress, **options))
+    click.echo(f"predicted {result.predicted} utterances into {result.out}")
+    if result.skipped:
+        click.echo(f"ser: {len(result.skipped)} file(s) skipped (named above)", err=True)
+        sys.exit(1)
 
 
 @main.command("export")

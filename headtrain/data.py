@@ -100,7 +100,10 @@ class CacheSource:
 
 
 class AudioSource:
-    """Normalised 16 kHz waveforms decoded from files; lengths from headers (no decoding)."""
+    """Normalised 16 kHz waveforms decoded from files; lengths from headers (no decoding).
+
+    Files whose header cannot be read or that are shorter than the model's receptive field
+    (no frame) are in `unusable` (id -> why), as a build would skip them."""
 
     kind = "audio"
 
@@ -113,12 +116,21 @@ class AudioSource:
         self.feature_extractor = feature_extractor
         self.stride = int(np.prod(model.config.conv_stride))
         self.receptive_field = receptive_field(model.config)
-        def frames(path: str) -> int:
-            info = sf.info(path)
-            return audio_frames(model, info.frames, info.samplerate)
+
+        def frames(path: str) -> int | str:
+            try:
+                info = sf.info(path)
+            except Exception as err:  # libsndfile raises several types; the reason is enough
+                return f"{path}: cannot be read ({str(err).strip().splitlines()[0]})"
+            count = audio_frames(model, info.frames, info.samplerate) if info.samplerate > 0 else 0
+            return count if count > 0 else (
+                f"{path}: {info.frames} samples at {info.samplerate} Hz, shorter than the model's "
+                f"receptive field ({self.receptive_field} samples at 16 kHz)")
 
         with ThreadPoolExecutor(max_workers=16) as pool:  # headers only; a shared disk is slow
-            self._lengths = dict(zip(paths, pool.map(frames, paths.values())))
+            found = dict(zip(paths, pool.map(frames, paths.values())))
+        self._lengths = {uid: n for uid, n in found.items() if isinstance(n, int)}
+        self.unusable = {uid: why for uid, why in found.items() if isinstance(why, str)}
 
     def length(self, uid: str) -> int:
         return self._lengths[uid]

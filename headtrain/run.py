@@ -4,13 +4,14 @@ from it. Nothing in a run directory is pickled."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cachegen.errors import ConfigError, StoreMismatch, UnsafeInput
+from cachegen.errors import ConfigError, OutputError, StoreMismatch, UnsafeInput
 from cachegen.store import write_atomic
 
 RUN_FORMAT = "ser-run"
@@ -96,6 +97,23 @@ def is_number(value) -> bool:
 
 def is_sha256(value) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+@contextmanager
+def writing(path: Path, *, hint: str = ""):
+    """Turn a failure to write `path` (read-only folder, no permission, disk full) into one
+    OutputError naming it. A PNG being drawn is removed, never left cut short; everything else
+    is written atomically (write_atomic) and left whole or not at all."""
+    try:
+        yield
+    except OSError as err:
+        if path.suffix == ".png":  # matplotlib writes in place
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only folder: nothing was written either
+        raise OutputError(f"{path}: cannot be written ({err.strerror or err}); free space or "
+                          f"choose a writable place{hint}") from None
 
 
 def refuse_run_output(path: Path, *, option: str) -> None:

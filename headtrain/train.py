@@ -13,7 +13,7 @@ import torch
 from cachegen.errors import ConfigError, StoreMismatch
 
 from .data import Batching
-from .labels import Split, drop_failed, load_splits, read_labels
+from .labels import Split, drop_failed, drop_unusable, load_splits, read_labels
 from .upper import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -215,8 +215,7 @@ def open_sources(config: TrainConfig):
         source, cache_layer, meta = AudioSource(paths, loaded.model, loaded.feature_extractor), 0, None
     if config.labels:
         table, table_name = read_labels(config.labels), config.labels
-    if meta is not None:
-        table = drop_failed(table, meta)
+    table = drop_failed(table, meta) if meta is not None else drop_unusable(table, source)
     return source, table, table_name, loaded, cache_layer, meta
 
 
@@ -268,8 +267,10 @@ def train(config: TrainConfig) -> TrainResult:
     from .metrics import LOSSES, mean_ccc, target_metrics
     from .parallel import global_loss, local_plan
     from .plots import plot_curves
+    from cachegen.store import write_atomic
+
     from .run import (RUN_FORMAT, RUN_FORMAT_VERSION, WEIGHTS, load_checkpoint, save_checkpoint,
-                      save_tensors, write_json)
+                      save_tensors, write_json, writing)
     from .upper import EmotionModel, count_parameters
 
     config.validate()
@@ -284,7 +285,7 @@ def train(config: TrainConfig) -> TrainResult:
         raise ConfigError(f"--top-layers {config.top_layers} is larger than the {layers - cache_layer} "
                           f"layers above the cache (layer {cache_layer} of {layers}); use at most "
                           f"{layers - cache_layer}, or a store built with fewer --layers")
-    available = set(source.reader.ids) if source.kind == "states" else set(source.paths)
+    available = set(source.reader.ids) if source.kind == "states" else set(source.paths) - set(source.unusable)
     splits = load_splits(table, source=table_name, targets=list(config.targets),
                          splits=[config.train_split, config.dev_split], available=available,
                          label_range=config.label_range)
@@ -366,13 +367,18 @@ def train(config: TrainConfig) -> TrainResult:
         best["mean"] = best["mean"] if best["mean"] is not None else -math.inf
         if accelerator.is_main_process:
             log.info("resuming %s after epoch %d of %d", run_dir, start_epoch, config.epochs)
+    resume_hint = f"; then `ser train --resume {run_dir}` continues from the last epoch"
+
+    def write_log() -> None:
+        write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in history).encode())
+
     if accelerator.is_main_process:
-        remove_run_files(run_dir, replaced)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # a resumed run forgets epochs logged after its checkpoint: they are trained again
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
-        if not config.resume:
-            write_json({**info, "best_epoch": None, "best_dev": None}, run_dir / "config.json")
+        with writing(run_dir):
+            remove_run_files(run_dir, replaced)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_log()  # a resumed run forgets epochs logged after its checkpoint: they are trained again
+            if not config.resume:
+                write_json({**info, "best_epoch": None, "best_dev": None}, run_dir / "config.json")
     accelerator.wait_for_everyone()
 
     def on_epoch(record: dict, improved: bool) -> None:
@@ -380,17 +386,18 @@ def train(config: TrainConfig) -> TrainResult:
         if improved:
             best.update(epoch=record["epoch"], dev=record["dev"], mean=record["dev_score"])
         if accelerator.is_main_process:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
             unwrapped = accelerator.unwrap_model(model)
-            if improved:
-                save_tensors(unwrapped.trained_state(), run_dir / WEIGHTS)
-                write_json({**info, "best_epoch": best["epoch"], "best_dev": best["dev"]},
-                           run_dir / "config.json")
-            save_checkpoint(run_dir, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
-                            state={"epoch": record["epoch"], "history": history,
-                                   "best": {**best, "mean": best["mean"] if math.isfinite(best["mean"]) else None}})
-            plot_curves(history, str(run_dir / "curves.png"))
+            with writing(run_dir, hint=resume_hint):
+                if improved:
+                    save_tensors(unwrapped.trained_state(), run_dir / WEIGHTS)
+                    write_json({**info, "best_epoch": best["epoch"], "best_dev": best["dev"]},
+                               run_dir / "config.json")
+                save_checkpoint(run_dir, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
+                                state={"epoch": record["epoch"], "history": history,
+                                       "best": {**best, "mean": best["mean"] if math.isfinite(best["mean"]) else None}})
+                write_log()
+            with writing(run_dir / "curves.png", hint=resume_hint):
+                plot_curves(history, str(run_dir / "curves.png"))
         accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
@@ -405,11 +412,13 @@ def train(config: TrainConfig) -> TrainResult:
         start_epoch=start_epoch, best=best["mean"],
         stale=history[-1].get("epochs_without_gain", 0) if history else 0)
     if accelerator.is_main_process:
-        if best["epoch"] == 0:  # dev CCC was never finite: keep the last weights, flagged
-            save_tensors(accelerator.unwrap_model(model).trained_state(), run_dir / WEIGHTS)
-            write_json({**info, "best_epoch": len(history), "best_dev": history[-1]["dev"]},
-                       run_dir / "config.json")
-        write_json({"best_epoch": best["epoch"], "dev": best["dev"]}, run_dir / "metrics.json")
+        with writing(run_dir, hint=resume_hint):
+            if best["epoch"] == 0:  # dev CCC was never finite: keep the last weights, flagged
+                save_tensors(accelerator.unwrap_model(model).trained_state(), run_dir / WEIGHTS)
+                write_json({**info, "best_epoch": len(history), "best_dev": history[-1]["dev"]},
+                           run_dir / "config.json")
+            # metrics.json last: a run directory without it is a training that did not finish
+            write_json({"best_epoch": best["epoch"], "dev": best["dev"]}, run_dir / "metrics.json")
     accelerator.wait_for_everyone()
     return TrainResult(run_dir=str(run_dir), best_epoch=best["epoch"], best_dev=best["dev"],
                        history=history, trainable_parameters=trainable, total_parameters=total)
