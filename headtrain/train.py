@@ -241,8 +241,6 @@ def check_store_matches(location: str, meta: dict, loaded) -> None:
 # Where the store, model and labels are may change; what they hold may not (checked by hash).
 RESUMABLE_CHANGES = {"progress", "workers", "device", "cache_dir", "resume", "overwrite", "out",
                      "from_cache", "manifest", "model", "audio_root", "labels"}
-# Options added after runs were first written, with the value those older runs used.
-BEFORE_OPTION = {"batching": "length", "select": "mean", "overwrite": False}
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -430,14 +428,19 @@ def saved_options(run_dir: Path) -> tuple[dict, dict]:
     Raises:
         ConfigError: not a run directory, or config.json was edited or cut (naming the field).
     """
-    from .run import check_fields, read_json
+    from .run import RUN_FORMAT, check_fields, read_run_info
 
     path = run_dir / "config.json"
     if not path.is_file():
         raise ConfigError(f"--resume {run_dir}: no config.json there; is it a run directory?")
-    info = read_json(path)
-    check_fields(path, info, {"config": (lambda v: isinstance(v, dict), "an object of options")})
-    saved = {**BEFORE_OPTION, **info["config"]}
+    info = read_run_info(run_dir)
+    if info["format"] != RUN_FORMAT:
+        raise ConfigError(f"--resume {run_dir}: an export of a run, not a run; it cannot be resumed")
+    check_fields(path, info, {
+        "config": (lambda v: isinstance(v, dict), "an object of options"),
+        "store": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+        "labels_sha256": (lambda v: isinstance(v, str), "a sha256 hex digest")})
+    saved = dict(info["config"])
     check_fields(path, saved, OPTION_TYPES, prefix="config.")
     unknown = sorted(set(saved) - set(OPTION_TYPES))
     if unknown:
