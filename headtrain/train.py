@@ -259,14 +259,14 @@ def train(config: TrainConfig) -> TrainResult:
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
 
+    from cachegen.store import write_atomic
+
     from .data import iterate_batches, plan_batches
     from .evaluate import predict_split
     from .loop import fit
     from .metrics import LOSSES, mean_ccc, target_metrics
     from .parallel import global_loss, local_plan
     from .plots import plot_curves
-    from cachegen.store import write_atomic
-
     from .run import (RUN_FORMAT, RUN_FORMAT_VERSION, WEIGHTS, load_checkpoint, save_checkpoint,
                       save_tensors, write_json, writing)
     from .upper import EmotionModel, count_parameters
