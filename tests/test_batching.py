@@ -30,10 +30,19 @@ def independent_random_plan(lengths, *, batch_size, seed, epoch, **_):
     return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
 
 
-def test_default_batches_learn_as_well_as_random_batches(rate_store, tmp_path, monkeypatch):
+@pytest.fixture
+def one_thread():
+    """One torch thread for this test only: the thread count changes float results, and other
+    modules compare bytes against subprocesses that use the default."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_default_batches_learn_as_well_as_random_batches(rate_store, tmp_path, monkeypatch, one_thread):
     import headtrain.data
 
-    torch.set_num_threads(1)
     manifest, store = rate_store
     from cachegen import open_cache
     reader = open_cache(store)
