@@ -109,36 +109,30 @@ def load_splits(table: pa.Table, *, source: str, targets: list[str], splits: lis
 def drop_unusable(table: pa.Table, source) -> pa.Table:
     """Leave out audio files training cannot use (unreadable header, shorter than the
     model's receptive field), with a warning naming each, as a build skips them."""
-    import logging
-
-    import pyarrow.compute as pc
-
     unusable = getattr(source, "unusable", {})
-    if not unusable or "id" not in table.column_names:
-        return table
-    present = pc.is_in(table.column("id"), value_set=pa.array(sorted(unusable)))
-    if not pc.any(present).as_py():
-        return table
-    named = [unusable[uid] for uid in table.filter(present).column("id").to_pylist()]
-    logging.getLogger(__name__).warning("leaving out %d audio file(s) that cannot be used: %s",
-                                        len(named), "; ".join(named[:MAX_LISTED]) +
-                                        (f" and {len(named) - MAX_LISTED} more" if len(named) > MAX_LISTED else ""))
-    return table.filter(pc.invert(present))
+    return _drop(table, unusable, lambda ids: "leaving out %d audio file(s) that cannot be used: %s" % (
+        len(ids), "; ".join(unusable[uid] for uid in ids[:MAX_LISTED]) +
+        (f" and {len(ids) - MAX_LISTED} more" if len(ids) > MAX_LISTED else "")))
 
 
 def drop_failed(table: pa.Table, meta: dict) -> pa.Table:
     """Leave out the utterances the cache build could not use (recorded in the store), with a
     warning naming them: they have no states, and the build already reported why."""
+    failed = sorted({f["id"] for f in meta.get("failures", [])})
+    return _drop(table, failed, lambda ids: "leaving out %d utterance(s) the cache build could not "
+                 "use: %s" % (len(failed), _listed(failed)))
+
+
+def _drop(table: pa.Table, ids, message) -> pa.Table:
+    """`table` without the rows whose id is in `ids`, warning `message(dropped ids)` if any."""
     import logging
 
     import pyarrow.compute as pc
 
-    failed = sorted({f["id"] for f in meta.get("failures", [])})
-    if not failed or "id" not in table.column_names:
+    if not ids or "id" not in table.column_names:
         return table
-    present = pc.is_in(table.column("id"), value_set=pa.array(failed))
+    present = pc.is_in(table.column("id"), value_set=pa.array(sorted(ids)))
     if not pc.any(present).as_py():
         return table
-    logging.getLogger(__name__).warning(
-        "leaving out %d utterance(s) the cache build could not use: %s", len(failed), _listed(failed))
+    logging.getLogger(__name__).warning(message(table.filter(present).column("id").to_pylist()))
     return table.filter(pc.invert(present))
