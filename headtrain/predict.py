@@ -100,11 +100,10 @@ def predict(config: PredictConfig) -> PredictResult:
 
     from cachegen.manifest import load_manifest
 
-    from .run import load_run, refuse_run_output
+    from .run import load_run
 
-    config.validate()
+    config.validate()  # a .csv or .parquet --out is none of a run directory's own files
     out = Path(config.out)
-    refuse_run_output(out, option="--out")
     table = None
     if config.manifest:
         manifest = load_manifest(config.manifest, audio_root=config.audio_root)

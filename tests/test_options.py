@@ -35,7 +35,8 @@ def test_bad_training_options_are_refused_before_any_work(args, message, built_s
 @pytest.mark.parametrize("command", ["evaluate", "predict"])
 def test_bogus_device_is_refused_by_evaluate_and_predict(command, built_store, corpus, tmp_path):
     source = ["--from-cache", built_store] if command == "evaluate" else ["--manifest", corpus]
-    result = run_cli(command, tmp_path, *source, "--device", "foo", "--out", tmp_path / "o")
+    out = tmp_path / ("o" if command == "evaluate" else "o.csv")
+    result = run_cli(command, tmp_path, *source, "--device", "foo", "--out", out)
     assert result.exit_code == 1 and "--device 'foo': not a device" in result.stderr, result.stderr
 
 

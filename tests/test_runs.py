@@ -98,14 +98,16 @@ def test_export_evaluate_and_predict_refuse_a_run_directorys_own_files(finished_
     shutil.copytree(finished_run, run)
     files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     audio = corpus.replace("manifest.csv", "wav/utt0001.wav")
-    for args in (["export", run, "--out", run],
-                 ["evaluate", run, "--from-cache", built_store, "--split", "dev", "--out", run],
-                 ["evaluate", run, "--from-cache", built_store, "--split", "dev", "--out", run / "checkpoint"],
-                 ["predict", run, audio, "--out", run / "config.json"],
-                 ["predict", run, audio, "--out", run / "log.jsonl"]):
+    run_files = "would write into the files of the training run in"
+    for args, message in ((["export", run, "--out", run], run_files),
+                          (["evaluate", run, "--from-cache", built_store, "--split", "dev", "--out", run], run_files),
+                          (["evaluate", run, "--from-cache", built_store, "--split", "dev", "--out",
+                            run / "checkpoint"], run_files),
+                          (["predict", run, audio, "--out", run / "config.json"], "name a .csv or .parquet file"),
+                          (["predict", run, audio, "--out", run / "log.jsonl"], "name a .csv or .parquet file")):
         result = run_cli(*args)
         assert result.exit_code == 1, args
-        assert "would write into the files of the training run in" in result.stderr, result.stderr
+        assert message in result.stderr, result.stderr
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
     # a folder of its own inside the run is fine (README: evaluate --out runs/k3/test1)
     result = run_cli("evaluate", run, "--from-cache", built_store, "--split", "dev", "--out", run / "dev")
