@@ -117,7 +117,7 @@ def writing(path: Path, *, hint: str = ""):
 
 
 def refuse_run_output(path: Path, *, option: str) -> None:
-    """Refuse output of another command (evaluate, export, predict) that would land in a run
+    """Refuse output of another command (evaluate, export) that would land in a run
     directory's own files: `path` is a run directory, or one of a run's files or folders.
 
     Raises:
