@@ -32,7 +32,21 @@ class EchoHandler(logging.Handler):
         click.echo(self.format(record), err=True)
 
 
+def _set_threads(ctx, param, value: int | None) -> None:
+    if value is not None:
+        import torch
+
+        torch.set_num_threads(value)
+
+
+# On a shared or busy machine torch's default (one thread per core) oversubscribes the cores.
+_THREADS = click.option("--threads", type=click.IntRange(min=1), default=None, expose_value=False,
+                        callback=_set_threads,
+                        help="torch intra-op CPU threads (default: one per core).")
+
+
 @click.group(cls=SerGroup)
+@click.version_option(package_name="ser", prog_name="ser", message="%(prog)s %(version)s")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def main(verbose: bool) -> None:
     """Efficient finetuning for dimensional speech emotion recognition."""
@@ -72,6 +86,7 @@ def cache() -> None:
               help="Also store each utterance's mean and std over frames of these layers' "
                    "hidden states (0 = input of layer 1), for `ser analyze probe`.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@_THREADS
 def cache_build(manifest, model, layers, out, dtype, batch_size, device, workers, audio_root,
                 shard_frames, overwrite, part, pooled_layers, no_progress):
     """Run the feature encoder and lower LAYERS layers once; store each utterance's states."""
@@ -211,6 +226,7 @@ def _floats(value: str | None, option: str) -> tuple[float, float] | None:
 @click.option("--no-progress", is_flag=True)
 @click.option("--overwrite", is_flag=True,
               help="Replace the run in --out (removes only the files a run writes).")
+@_THREADS
 @click.pass_context
 def train_command(ctx, targets, label_range, no_progress, out, resume, **options):
     """Finetune the top K layers and a regression head (from a store or from audio).
@@ -257,6 +273,7 @@ def train_command(ctx, targets, label_range, no_progress, out, resume, **options
 @click.option("--device", default=None)
 @click.option("--cache-dir", default=None, help="Keep a local copy of remote store files here.")
 @click.option("--audio-root", default=None, type=click.Path(file_okay=False))
+@_THREADS
 def evaluate_command(**options):
     """Metrics, predictions.csv and a scatter plot of RUN on one split."""
     from headtrain import EvaluateConfig, evaluate
@@ -280,6 +297,7 @@ def evaluate_command(**options):
 @click.option("--audio-root", default=None, type=click.Path(file_okay=False))
 @click.option("--workers", default=2, show_default=True, help="Background audio decoding threads.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@_THREADS
 def predict_command(audio, no_progress, **options):
     """Predict from raw audio files or folders with a run or an exported model (no store needed).
 
@@ -319,6 +337,7 @@ def export_command(run, out, model):
 @click.option("--device", default=None)
 @click.option("--store", default=None, help="Reuse this store instead of building one.")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write results here.")
+@_THREADS
 def bench_command(strategies, **options):
     """Measure every strategy side by side on identical batches (speed, memory, parameters)."""
     from headtrain.bench import BenchConfig, bench, format_table
@@ -331,6 +350,7 @@ def bench_command(strategies, **options):
 @main.command("demo")
 @click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False))
 @click.option("--epochs", default=8, show_default=True)
+@_THREADS
 def demo_command(out, epochs):
     """Offline end to end: synthetic corpus, tiny random model, cache, train, evaluate."""
     from headtrain.demo import run_demo

@@ -110,11 +110,6 @@ class BuildSummary:
 
 
 def store_meta(config: BuildConfig, loaded: LoadedModel, shard_frames: int) -> dict:
-    import numcodecs
-    import torch
-    import transformers
-    import zarr
-
     cfg = loaded.config
     pooled = pooled_layers(config, loaded)
     return {
@@ -127,9 +122,7 @@ def store_meta(config: BuildConfig, loaded: LoadedModel, shard_frames: int) -> d
         "frame_rate": loaded.frame_rate, "sample_rate": SAMPLE_RATE,
         "preprocessing": loaded.preprocessing(), "dtype": config.dtype,
         "chunk_frames": config.resolved_chunk_frames, "shard_frames": shard_frames,
-        "versions": {"ser": _version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "zarr": zarr.__version__,
-                     "numcodecs": numcodecs.__version__, "python": sys.version.split()[0]},
+        "versions": library_versions(),
         **({"pooled_layers": list(pooled)} if pooled else {}),  # absent: the key of older stores
     }
 
@@ -142,12 +135,24 @@ def pooled_layers(config: BuildConfig, loaded: LoadedModel) -> tuple[int, ...]:
         raise ConfigError(f"--pooled-layers {err} (model '{config.model}')") from None
 
 
-def _version() -> str:
+def ser_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
     try:
         return version("ser")
     except PackageNotFoundError:
         return "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of ser and the libraries that decide what a store or a run holds."""
+    import numcodecs
+    import torch
+    import transformers
+    import zarr
+
+    return {"ser": ser_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "zarr": zarr.__version__,
+            "numcodecs": numcodecs.__version__, "python": sys.version.split()[0]}
 
 
 def batches_in_order(utterances: list[Utterance], seconds: dict[str, float], batch_size: int):

@@ -140,7 +140,8 @@ def evaluate(config: EvaluateConfig) -> dict:
     write_predictions(out / "predictions.csv", {"id": split.ids, "split": [config.split] * len(split.ids)},
                       run.targets, pred, split.targets)
     with writing(out / "scatter.png"):
-        plot_scatter(pred, split.targets, run.targets, metrics, str(out / "scatter.png"))
+        plot_scatter(pred, split.targets, run.targets, metrics, str(out / "scatter.png"),
+                     split=config.split)
     with writing(out / "metrics.json"):
         write_json(metrics, out / "metrics.json")
     return metrics

@@ -260,6 +260,7 @@ def train(config: TrainConfig) -> TrainResult:
     from transformers import get_linear_schedule_with_warmup
 
     from cachegen.store import write_atomic
+    from cachegen.build import library_versions
 
     from .data import iterate_batches, plan_batches
     from .evaluate import predict_split
@@ -351,6 +352,7 @@ def train(config: TrainConfig) -> TrainResult:
         "labels_sha256": labels_fingerprint(train_split, dev_split),
         "config": asdict(config), "amp": config.resolved_amp, "device": str(device),
         "processes": processes, "global_batch_size": global_batch,
+        "versions": library_versions(),
         "train_utterances": len(train_split.ids), "dev_utterances": len(dev_split.ids),
     }
     log_path = run_dir / "log.jsonl"
