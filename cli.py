@@ -58,6 +58,20 @@ def main(verbose: bool) -> None:
         logger.propagate = False
 
 
+def _storage_options(ctx, param, value: str | None) -> None:
+    if value:
+        from cachegen.reader import configure_storage
+
+        configure_storage(value, source="--storage-options")
+
+
+STORAGE_OPTIONS = click.option(
+    "--storage-options", metavar="JSON", expose_value=False, callback=_storage_options,
+    help='Options of the fsspec backend per protocol for s3://, gs://, ... URLs, e.g. '
+         '\'{"s3": {"endpoint_url": "http://minio:9000"}}\' (default: the backend\'s own '
+         'configuration: environment variables, ~/.aws, ~/.config/fsspec).')
+
+
 @main.group()
 def cache() -> None:
     """Build, inspect and verify stores of lower-layer hidden states."""
@@ -115,6 +129,7 @@ def _part(value: str | None) -> tuple[int, int] | None:
 
 @cache.command("info")
 @click.argument("store")
+@STORAGE_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--cache-dir", default=None, help="Keep a remote store's files here after their first read.")
 def cache_info(store, as_json, cache_dir):
@@ -129,6 +144,7 @@ def cache_info(store, as_json, cache_dir):
 
 @cache.command("verify")
 @click.argument("store")
+@STORAGE_OPTIONS
 @click.option("--cache-dir", default=None, help="Keep a remote store's files here after their first read.")
 def cache_verify(store, cache_dir):
     """Check every utterance's checksum and the index; exit 1 naming each problem."""
@@ -146,6 +162,7 @@ def cache_verify(store, cache_dir):
 @cache.command("copy")
 @click.argument("src")
 @click.argument("dst")
+@STORAGE_OPTIONS
 @click.option("--jobs", default=4, show_default=True, help="Files fetched at once.")
 def cache_copy(src, dst, jobs):
     """Copy store SRC (folder, .zip or URL) to DST (folder, .zip or URL such as s3://...).
@@ -222,6 +239,7 @@ def _floats(value: str | None, option: str) -> tuple[float, float] | None:
 @click.option("--lora-alpha", default=16, show_default=True)
 @click.option("--workers", default=2, show_default=True, help="Background reading threads.")
 @click.option("--cache-dir", default=None, help="Keep a local copy of remote store files here (later epochs and runs read it).")
+@STORAGE_OPTIONS
 @click.option("--audio-root", default=None, type=click.Path(file_okay=False))
 @click.option("--no-progress", is_flag=True)
 @click.option("--overwrite", is_flag=True,
@@ -272,6 +290,7 @@ def train_command(ctx, targets, label_range, no_progress, out, resume, **options
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--device", default=None)
 @click.option("--cache-dir", default=None, help="Keep a local copy of remote store files here.")
+@STORAGE_OPTIONS
 @click.option("--audio-root", default=None, type=click.Path(file_okay=False))
 @_THREADS
 def evaluate_command(**options):

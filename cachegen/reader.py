@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import SerError, StoreCorrupt, StoreError, UnsafeInput
+from .errors import ConfigError, SerError, StoreCorrupt, StoreError, UnsafeInput
 from .store import (ALLOWED_CODECS, FORMAT, FORMAT_VERSION, INDEX_SCHEMA, POOLED_CRC, STORAGE_DTYPES,
                     _quiet_zarr, checksum, from_storage, pooled_shape, write_atomic)
 
@@ -347,6 +347,46 @@ def open_source(location: str | Path, *, cache_dir: str | Path | None = None) ->
     if not path.is_dir():
         raise StoreError(f"{location}: no such store (expected a folder, a .zip or a URL)")
     return FolderSource(path)
+
+
+def configure_storage(options: str | dict, *, source: str = "storage options") -> None:
+    """Give fsspec backends their options (endpoint, credentials, region, ...) in this process.
+
+    `options` maps a protocol to keyword arguments of its fsspec filesystem, in the form of
+    fsspec's own configuration files (`~/.config/fsspec/*.json`, `FSSPEC_S3='{...}'`), e.g.
+    `{"s3": {"endpoint_url": "http://minio:9000"}}`; a JSON string of that is accepted too.
+    They are merged into `fsspec.config.conf`, where every filesystem fsspec makes afterwards
+    (ser's readers and copies included) takes its defaults from; nothing is written anywhere.
+
+    Args:
+        options: the mapping, or its JSON text.
+        source: what the options came from, for error messages (`--storage-options`).
+
+    Raises:
+        ConfigError: not JSON, not an object of objects, or a protocol fsspec does not know.
+
+    Example:
+        >>> configure_storage('{"s3": {"endpoint_url": "http://127.0.0.1:9000"}}')  # doctest: +SKIP
+        >>> open_cache("s3://lab/msp.zarr")  # doctest: +SKIP
+    """
+    import fsspec.config
+    from fsspec.registry import known_implementations, registry
+
+    example = '\'{"s3": {"endpoint_url": "http://127.0.0.1:9000"}}\''
+    if isinstance(options, str):
+        try:
+            options = json.loads(options)
+        except ValueError as err:
+            raise ConfigError(f"{source}: not JSON ({err}); expected options per protocol, such as "
+                              f"{example}") from None
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        raise ConfigError(f"{source}: expected a JSON object of options per protocol, such as {example}")
+    unknown = [p for p in options if p not in known_implementations and p not in registry]
+    if unknown:
+        raise ConfigError(f"{source}: unknown protocol {unknown[0]!r} (known: s3, gs, http, ...); "
+                          f"expected options per protocol, such as {example}")
+    for protocol, values in options.items():
+        fsspec.config.conf.setdefault(protocol, {}).update(values)
 
 
 # --- zarr's view of a source ------------------------------------------------------------------
