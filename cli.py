@@ -85,6 +85,9 @@ def cache() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
               show_default=True, help="Storage dtype of the states.")
+@click.option("--compression", type=click.Choice(["none", "lz4", "zstd"]), default=None,
+              help="Compression of the states (default none: measured fastest, lossless codecs "
+                   "save under 10 %; docs/benchmarks.md). A store keeps its own on resume.")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 @click.option("--workers", default=2, show_default=True, help="Background audio decoding threads.")
@@ -101,14 +104,14 @@ def cache() -> None:
                    "hidden states (0 = input of layer 1), for `ser analyze probe`.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @_THREADS
-def cache_build(manifest, model, layers, out, dtype, batch_size, device, workers, audio_root,
-                shard_frames, overwrite, part, pooled_layers, no_progress):
+def cache_build(manifest, model, layers, out, dtype, compression, batch_size, device, workers,
+                audio_root, shard_frames, overwrite, part, pooled_layers, no_progress):
     """Run the feature encoder and lower LAYERS layers once; store each utterance's states."""
     from cachegen.build import BuildConfig, build_cache
 
     summary = build_cache(BuildConfig(
-        manifest=manifest, out=out, model=model, layers=layers, dtype=dtype, batch_size=batch_size,
-        device=device, workers=workers, overwrite=overwrite, audio_root=audio_root,
+        manifest=manifest, out=out, model=model, layers=layers, dtype=dtype, compression=compression,
+        batch_size=batch_size, device=device, workers=workers, overwrite=overwrite, audio_root=audio_root,
         shard_frames=shard_frames, part=_part(part), pooled_layers=pooled_layers,
         progress=not no_progress))
     if summary.main:

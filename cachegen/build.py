@@ -18,8 +18,8 @@ from .audio import SAMPLE_RATE, audio_seconds, load_audio
 from .errors import AudioError, ConfigError, StoreError, StoreMismatch
 from .manifest import Utterance, load_manifest
 from .model import DEFAULT_MODEL, LoadedModel, load_model
-from .store import (FORMAT, FORMAT_VERSION, STORAGE_DTYPES, StoreWriter, default_shard_frames,
-                    fingerprint_difference, load_index, read_meta, to_storage)
+from .store import (COMPRESSIONS, FORMAT, FORMAT_VERSION, STORAGE_DTYPES, StoreWriter,
+                    default_shard_frames, fingerprint_difference, load_index, read_meta, to_storage)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class BuildConfig:
     audio_root: str | None = None
     chunk_frames: int | None = None  # default: 256 (measured in docs/benchmarks.md), at most a shard
     shard_frames: int | None = None  # default: ~16 MiB shard files
+    compression: str | None = None  # default: none (measured in docs/benchmarks.md); a store keeps its own
     part: tuple[int, int] | None = None  # (I, N), 1-based: one of N independent jobs
     pooled_layers: str | None = None  # "all" or "0,6,12": also store per-utterance mean/std
     progress: bool = True
@@ -54,6 +55,8 @@ class BuildConfig:
             raise ConfigError(f"--part {self.part[0]}/{self.part[1]}: expected I/N with 1 <= I <= N")
         if self.dtype not in STORAGE_DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
+        if self.compression is not None and self.compression not in COMPRESSIONS:
+            raise ConfigError(f"--compression {self.compression!r}: choose one of {', '.join(COMPRESSIONS)}")
         if self.layers < 0:
             raise ConfigError(f"--layers {self.layers}: must be 0 or more")
         if self.batch_size < 1:
@@ -122,6 +125,7 @@ def store_meta(config: BuildConfig, loaded: LoadedModel, shard_frames: int) -> d
         "frame_rate": loaded.frame_rate, "sample_rate": SAMPLE_RATE,
         "preprocessing": loaded.preprocessing(), "dtype": config.dtype,
         "chunk_frames": config.resolved_chunk_frames, "shard_frames": shard_frames,
+        "checksum": "crc32c", "compression": config.compression or "none",
         "versions": library_versions(),
         **({"pooled_layers": list(pooled)} if pooled else {}),  # absent: the key of older stores
     }
@@ -262,8 +266,12 @@ def build_cache(config: BuildConfig) -> BuildSummary:
         if config.shard_frames and config.shard_frames != existing["shard_frames"]:
             log.warning("%s: keeping the store's %d frames per shard (--shard-frames %d applies "
                         "to new stores)", config.out, existing["shard_frames"], config.shard_frames)
+        kept = existing.get("compression", "zstd")
+        if config.compression and config.compression != kept:
+            log.warning("%s: keeping the store's compression %s (--compression %s applies to new "
+                        "stores)", config.out, kept, config.compression)
         meta.update(shard_frames=existing["shard_frames"], chunk_frames=existing["chunk_frames"],
-                    created=existing.get("created"))
+                    compression=kept, created=existing.get("created"))
     else:
         meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if state is not None and not main:

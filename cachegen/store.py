@@ -31,8 +31,16 @@ import pyarrow.parquet as pq
 from .errors import StoreError
 
 FORMAT = "ser-cache"
-FORMAT_VERSION = 1
+# Version 2 added the `checksum` and `compression` metadata fields (CRC-32C, no compression by
+# default); version 1 stores (zlib CRC-32, blosc zstd) stay readable.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
+# Compression of the inner chunks, by the metadata's `compression` (absent: zstd, the codec of
+# version 1 stores); chosen by measurement (docs/benchmarks.md): "none" by default.
+COMPRESSIONS = ("none", "lz4", "zstd")
+# Checksum of an utterance's stored bytes, by the metadata's `checksum` (absent: crc32).
+CHECKSUMS = ("crc32", "crc32c")
 # Codecs a store may use; anything else is refused before a byte is decoded.
 ALLOWED_CODECS = {"sharding_indexed", "bytes", "blosc", "zstd", "gzip", "crc32c", "transpose"}
 # Fields that decide whether an existing store can be resumed or trained from.
@@ -63,6 +71,14 @@ def _quiet_zarr():
     warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component")
 
 
+def compressors(compression: str) -> list:
+    """The zarr compressors of a `compression` name (byte shuffles suit 16-bit floats)."""
+    from zarr.codecs import BloscCodec
+
+    return {"none": [], "lz4": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
+            "zstd": [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]}[compression]
+
+
 def to_storage(states, dtype: str) -> np.ndarray:
     """float32 torch tensor (frames, hidden) -> numpy array in the storage dtype."""
     import torch
@@ -79,8 +95,15 @@ def from_storage(array: np.ndarray, dtype: str) -> np.ndarray:
     return array
 
 
-def checksum(array: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes())
+def checksum(array: np.ndarray, kind: str = "crc32c") -> int:
+    """CRC of the little-endian bytes of `array` ("crc32c": Castagnoli, in hardware where the CPU
+    has it; "crc32": zlib's, the checksum of version 1 stores). No copy when already little-endian."""
+    data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    if kind == "crc32c":
+        import crc32c
+
+        return crc32c.crc32c(data)
+    return zlib.crc32(data)
 
 
 def default_shard_frames(hidden: int, dtype: str, chunk_frames: int) -> int:
@@ -157,6 +180,7 @@ class StoreWriter:
         self.path = Path(path)
         self.meta = meta
         self.dtype = meta["dtype"]
+        self.checksum = meta.get("checksum", "crc32")
         self.chunk_frames = meta["chunk_frames"]
         self.shard_frames = meta["shard_frames"]
         self.hidden = meta["hidden_size"]
@@ -185,7 +209,7 @@ class StoreWriter:
                 group.create_array(
                     "states", shape=(0, self.hidden), dtype=STORAGE_DTYPES[self.dtype],
                     chunks=(self.chunk_frames, self.hidden), shards=(self.shard_frames, self.hidden),
-                    compressors=[zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")],
+                    compressors=compressors(meta.get("compression", "zstd")) or None,
                     fill_value=0, dimension_names=["frame", "hidden"])
             except zarr.errors.ContainsArrayError:
                 pass
@@ -240,7 +264,7 @@ class StoreWriter:
         self.cursor += size
 
     def _record(self, record: dict, states: np.ndarray, start: int) -> dict:
-        return {**record, "start": start, "frames": states.shape[0], "crc32": checksum(states)}
+        return {**record, "start": start, "frames": states.shape[0], "crc32": checksum(states, self.checksum)}
 
     def flush(self) -> None:
         if not self.pending:
@@ -264,7 +288,7 @@ class StoreWriter:
             rows = np.zeros((self.slots, self.pooled_values), np.float32)
             for r in records:
                 rows[r["start"] // self.chunk_frames - shard * self.slots] = r["_pooled"]
-                r["pooled_crc32"] = checksum(r.pop("_pooled"))
+                r["pooled_crc32"] = checksum(r.pop("_pooled"), self.checksum)
             self.pooled[shard * self.slots:(shard + 1) * self.slots] = rows
         table = pa.Table.from_pylist(records, schema=index_schema(self.meta))
         # the record count in the name lets a progress bar count commits without reading them
