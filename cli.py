@@ -241,6 +241,9 @@ def _floats(value: str | None, option: str) -> tuple[float, float] | None:
 @click.option("--lora-rank", default=8, show_default=True)
 @click.option("--lora-alpha", default=16, show_default=True)
 @click.option("--workers", default=2, show_default=True, help="Background reading threads.")
+@click.option("--preload/--no-preload", default=None,
+              help="Keep the store's states in memory after their first read (default: when they "
+                   "take at most 4 GiB and a quarter of the available memory).")
 @click.option("--cache-dir", default=None, help="Keep a local copy of remote store files here (later epochs and runs read it).")
 @STORAGE_OPTIONS
 @click.option("--audio-root", default=None, type=click.Path(file_okay=False))

@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 
 from .errors import ConfigError, SerError, StoreCorrupt, StoreError, UnsafeInput
 from .store import (ALLOWED_CODECS, CHECKSUMS, FORMAT, INDEX_SCHEMA, POOLED_CRC, READABLE_VERSIONS,
-                    STORAGE_DTYPES, _quiet_zarr, checksum, from_storage, pooled_shape, write_atomic)
+                    STORAGE_DTYPES, _quiet_zarr, checksum, from_storage, pooled_shape,
+                    storage_width, write_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -627,6 +628,7 @@ class LocalShards:
         self.maps = min(4096, max(16, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
         # shard -> (its chunk bytes, mapped; offset, length and run of adjacent chunks per chunk)
         self._shards: OrderedDict[int, tuple[np.ndarray, list[int], list[int], list[int]]] = OrderedDict()
+        self._files: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -672,11 +674,15 @@ class LocalShards:
         path, base, size = span
         if size < self.index_size:
             raise ValueError(f"{key} is shorter than its shard index")
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size < base + size:
-                raise ValueError(f"{key} ends early")
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        data = np.frombuffer(mapped, np.uint8, count=size, offset=base)
+        mapped = self._files.get(path)  # a zip's members share one map of the archive
+        if mapped is None:
+            with open(path, "rb") as f:
+                mapped = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
+            if base:
+                self._files[path] = mapped
+        if mapped.size < base + size:
+            raise ValueError(f"{key} ends early")
+        data = mapped[base:base + size]
         index = data[size - self.index_size:]
         if checksum(index[:-4], "crc32c") != int.from_bytes(index[-4:].tobytes(), "little"):
             raise ValueError(f"{key}: shard index fails its crc32c")
@@ -789,6 +795,11 @@ class CacheReader:
         if STORAGE_DTYPES.get(meta.get("dtype")) != consolidated[ARRAY]["data_type"]:
             raise StoreCorrupt(f"{location}: metadata dtype {meta.get('dtype')!r} does not match the "
                                f"states' data type {consolidated[ARRAY]['data_type']!r}")
+        width = consolidated[ARRAY].get("shape", [0, 0])[1]
+        if isinstance(meta.get("hidden_size"), int) and width != storage_width(meta["hidden_size"], meta["dtype"]):
+            raise StoreCorrupt(f"{location}: states have {width} columns; hidden_size "
+                               f"{meta['hidden_size']} in {meta['dtype']} needs "
+                               f"{storage_width(meta['hidden_size'], meta['dtype'])}")
         self.meta: dict = meta
         self.dtype: str = meta["dtype"]
         self.checksum: str = meta.get("checksum", "crc32")
@@ -916,7 +927,8 @@ class CacheReader:
         return f"{ARRAY}/{self.states.metadata.encode_chunk_key((shard, 0))}"
 
     def __getitem__(self, uid: str) -> np.ndarray:
-        """(frames, hidden) states of `uid` (float16/float32 as stored; bfloat16 as float32)."""
+        """(frames, hidden) states of `uid`: float16/float32 as stored (read-only when they are
+        a view of a mapped shard), bfloat16 widened and int8 dequantised to float32."""
         return from_storage(self.read_raw(uid), self.dtype)
 
     def shard_keys(self, uids=None) -> list[str]:

@@ -35,7 +35,9 @@ FORMAT = "ser-cache"
 # default); version 1 stores (zlib CRC-32, blosc zstd) stay readable.
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
+STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16", "int8": "int8"}
+# int8 rows hold `hidden` quantised values then the frame's float32 scale as 4 bytes
+SCALE_BYTES = {"int8": 4}
 # Compression of the inner chunks, by the metadata's `compression` (absent: zstd, the codec of
 # version 1 stores); chosen by measurement (docs/benchmarks.md): "none" by default.
 COMPRESSIONS = ("none", "lz4", "zstd")
@@ -79,19 +81,59 @@ def compressors(compression: str) -> list:
             "zstd": [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]}[compression]
 
 
+def storage_width(hidden: int, dtype: str) -> int:
+    """Columns of the stored array: `hidden`, plus the scale's bytes for int8."""
+    return hidden + SCALE_BYTES.get(dtype, 0)
+
+
 def to_storage(states, dtype: str) -> np.ndarray:
-    """float32 torch tensor (frames, hidden) -> numpy array in the storage dtype."""
+    """float32 torch tensor (frames, hidden) -> numpy array in the storage dtype.
+
+    int8 is quantised per frame: scale = max |x| over the frame's channels / 127, value =
+    round(x / scale), so that every value is within scale / 2 = max |x| / 254 of the float32
+    state (docs/cache-format.md); the scale follows the values in the same row."""
     import torch
 
     if dtype == "bfloat16":
         return states.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    if dtype == "int8":
+        values = states.detach().float().cpu().numpy()
+        scale = (np.abs(values).max(axis=1, initial=0.0) / 127).astype(np.float32)
+        quantised = np.rint(values / np.where(scale > 0, scale, 1)[:, None]).clip(-127, 127)
+        out = np.empty((values.shape[0], storage_width(values.shape[1], dtype)), np.int8)
+        out[:, :values.shape[1]] = quantised
+        out[:, values.shape[1]:] = scale.astype("<f4").view(np.int8).reshape(-1, 4)
+        return out
     return states.to(getattr(torch, dtype)).numpy()
 
 
+def int8_parts(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stored int8 rows -> (values (frames, hidden) int8, scales (frames, 1) float32)."""
+    scales = np.ascontiguousarray(array[:, -SCALE_BYTES["int8"]:]).view("<f4")
+    return array[:, :-SCALE_BYTES["int8"]], scales
+
+
 def from_storage(array: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored array -> numpy float array (bfloat16 bits widen exactly to float32)."""
+    """Stored array -> numpy float array (bfloat16 bits widen exactly to float32; int8 is
+    dequantised to float32)."""
     if dtype == "bfloat16":
         return (array.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "int8":
+        values, scales = int8_parts(array)
+        return values.astype(np.float32) * scales
+    return array
+
+
+COMPACT_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16", "int8": "float16"}
+
+
+def compact(array: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored array -> the smallest array training can move to the device as it is:
+    float16 and float32 unchanged, bfloat16 as its uint16 bits (view them as torch.bfloat16),
+    int8 dequantised to float16 (its float16 rounding is far below the int8 step)."""
+    if dtype == "int8":
+        values, scales = int8_parts(array)
+        return values * scales.astype(np.float16)
     return array
 
 
@@ -108,7 +150,7 @@ def checksum(array: np.ndarray, kind: str = "crc32c") -> int:
 
 def default_shard_frames(hidden: int, dtype: str, chunk_frames: int) -> int:
     """About 16 MiB per shard file: few files per audio hour, small enough to write at once."""
-    frame_bytes = hidden * np.dtype(STORAGE_DTYPES[dtype]).itemsize
+    frame_bytes = storage_width(hidden, dtype) * np.dtype(STORAGE_DTYPES[dtype]).itemsize
     frames = 1 << max(0, int(np.log2(16 * 2**20 / frame_bytes)))
     return max(chunk_frames, frames // chunk_frames * chunk_frames)
 
@@ -183,7 +225,7 @@ class StoreWriter:
         self.checksum = meta.get("checksum", "crc32")
         self.chunk_frames = meta["chunk_frames"]
         self.shard_frames = meta["shard_frames"]
-        self.hidden = meta["hidden_size"]
+        self.hidden = storage_width(meta["hidden_size"], meta["dtype"])  # columns as stored
         self.path.mkdir(parents=True, exist_ok=True)
         # mode "a" never deletes: writers starting together may all get here first, and the
         # one that loses the race to create the group finds it created

@@ -7,6 +7,7 @@ threads, a few batches ahead of the model.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +16,10 @@ from enum import Enum
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
+
+# compact numpy dtype of loaded states -> the batch's torch dtype (uint16: bfloat16 bits)
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "uint16": torch.bfloat16}
 BUCKET_BATCHES = 32  # batches per sorting bucket of `length` batching
 
 
@@ -40,10 +45,13 @@ class Batch:
     targets: torch.Tensor | None  # (B, targets), standardised
 
     def to(self, device) -> "Batch":
+        """Move to `device`; states travel in their compact dtype (float16 from a float16
+        store: half the bytes) and become float32 there. From pinned memory (collate's `pin`)
+        the copies are asynchronous on CUDA (untested on CUDA: no GPU in our CI)."""
         self.inputs = ([w.to(device) for w in self.inputs] if isinstance(self.inputs, list)
-                       else self.inputs.to(device, non_blocking=True))
-        self.mask = None if self.mask is None else self.mask.to(device)
-        self.targets = None if self.targets is None else self.targets.to(device)
+                       else self.inputs.to(device, non_blocking=True).float())
+        self.mask = None if self.mask is None else self.mask.to(device, non_blocking=True)
+        self.targets = None if self.targets is None else self.targets.to(device, non_blocking=True)
         return self
 
 
@@ -81,19 +89,58 @@ def crop_start(seed: int, epoch: int, index: int, frames: int, max_frames: int) 
     return int(np.random.default_rng([seed, epoch, index]).integers(0, frames - max_frames + 1))
 
 
+# `ser train` holds a store's states in memory after their first read (no --preload given)
+# when they take at most this much, and at most a quarter of the memory available
+PRELOAD_BUDGET = 4 * 2**30
+
+
+def memory_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 class CacheSource:
-    """Hidden states from a store; lengths from its index (no data read)."""
+    """Hidden states from a store; lengths from its index (no data read).
+
+    `load` gives numpy arrays in the store's compact dtype (`cachegen.store.compact`: float16
+    stays float16, int8 is dequantised to float16, bfloat16 stays bfloat16 bits); `collate`
+    pads them into one tensor of that dtype, and `Batch.to` casts to float32 on the device.
+    With `preload`, each utterance is kept in memory after its first read (the first epoch
+    reads the store, later ones do not); None decides by size (PRELOAD_BUDGET).
+    """
 
     kind = "states"
 
-    def __init__(self, reader):
+    def __init__(self, reader, *, preload: bool | None = False):
+        from cachegen.store import COMPACT_DTYPES, compact
+
         self.reader = reader
+        self.compact = compact
+        self.dtype = np.dtype(COMPACT_DTYPES[reader.dtype])
+        frames = sum(reader.frames(uid) for uid in reader.ids)
+        self.memory_bytes = frames * reader.meta.get("hidden_size", 0) * self.dtype.itemsize
+        if preload is None:
+            available = memory_available()
+            budget = min(PRELOAD_BUDGET, available // 4 if available else PRELOAD_BUDGET)
+            preload = self.memory_bytes <= budget
+            if preload:
+                log.info("keeping the store's states in memory after their first read (%.0f MiB; "
+                         "budget %.0f MiB)", self.memory_bytes / 2**20, budget / 2**20)
+        self.preload = preload
+        self._memory: dict[str, np.ndarray] = {}
 
     def length(self, uid: str) -> int:
         return self.reader.frames(uid)
 
-    def load(self, uid: str, crop: tuple[int, int] | None = None) -> torch.Tensor:
-        states = torch.from_numpy(np.asarray(self.reader[uid], dtype=np.float32))  # (T, D)
+    def load(self, uid: str, crop: tuple[int, int] | None = None) -> np.ndarray:
+        states = self._memory.get(uid)
+        if states is None:
+            states = self.compact(self.reader.read_raw(uid), self.reader.dtype)
+            if self.preload:  # a private copy: the read may be a view of a mapped shard
+                states = self._memory[uid] = np.array(states)
         if crop:
             states = states[crop[0]:crop[0] + crop[1]]
         return states
@@ -146,20 +193,31 @@ class AudioSource:
         return torch.from_numpy(values.astype(np.float32))
 
 
-def collate(source, ids: list[str], items: list[torch.Tensor], targets) -> Batch:
-    from cachegen.lower import pad_frames
-
+def collate(source, ids: list[str], items: list, targets, *, pin: bool = False) -> Batch:
+    """One batch: waveforms as a list; states zero-padded into one (B, T, D) tensor of their
+    compact dtype (in pinned memory with `pin`, for asynchronous copies to a GPU) and a
+    (B, T) mask of real frames."""
     target_tensor = None if targets is None else torch.as_tensor(targets, dtype=torch.float32)
     if source.kind == "audio":
         return Batch(ids=ids, inputs=items, mask=None, targets=target_tensor)
-    states, mask = pad_frames(items)
+    lengths = torch.tensor([len(item) for item in items])
+    dtype = TORCH_DTYPES[items[0].dtype.name]
+    states = torch.zeros((len(items), int(lengths.max()), items[0].shape[1]), dtype=dtype, pin_memory=pin)
+    # numpy has no bfloat16: its bits are copied as int16
+    target = (states.view(torch.int16) if dtype == torch.bfloat16 else states).numpy()
+    for row, item in zip(target, items):  # one copy, from the store's bytes into the batch
+        row[:len(item)] = item.view(row.dtype)
+    mask = torch.arange(states.shape[1])[None, :] < lengths[:, None]
+    if pin:
+        mask, target_tensor = mask.pin_memory(), None if target_tensor is None else target_tensor.pin_memory()
     return Batch(ids=ids, inputs=states, mask=mask, targets=target_tensor)
 
 
 def iterate_batches(source, ids: list[str], targets: np.ndarray | None, plan: list[list[int]], *,
                     seed: int = 0, epoch: int = 0, max_frames: int | None = None,
-                    workers: int = 2, ahead: int = 4) -> Iterator[Batch]:
-    """Yield the planned batches in order, reading up to `ahead` batches in the background."""
+                    workers: int = 2, ahead: int = 4, pin: bool = False) -> Iterator[Batch]:
+    """Yield the planned batches in order, reading up to `ahead` batches in the background
+    (`pin`: states in pinned memory, for a CUDA device)."""
 
     def read(batch: list[int]) -> Batch:
         items = []
@@ -170,7 +228,7 @@ def iterate_batches(source, ids: list[str], targets: np.ndarray | None, plan: li
             crop = (start, max_frames) if max_frames and frames > max_frames else None
             items.append(source.load(uid, crop))
         return collate(source, [ids[i] for i in batch], items,
-                       None if targets is None else targets[batch])
+                       None if targets is None else targets[batch], pin=pin)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending = [pool.submit(read, b) for b in plan[:ahead]]

@@ -53,6 +53,7 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: int = 16
     workers: int = 2
+    preload: bool | None = None  # keep the store's states in memory; None: when they fit data.PRELOAD_BUDGET
     cache_dir: str | None = None
     audio_root: str | None = None
     resume: bool = False  # continue the run in `out` from its last epoch checkpoint
@@ -206,7 +207,7 @@ def open_sources(config: TrainConfig):
         loaded = load_model(config.model or meta["model_id"])
         check_store_matches(reader.location, meta, loaded)
         table, table_name = reader.table, f"{config.from_cache} (manifest table)"
-        source, cache_layer = CacheSource(reader), meta["layers"]
+        source, cache_layer = CacheSource(reader, preload=config.preload), meta["layers"]
     else:
         manifest = load_manifest(config.manifest, audio_root=config.audio_root)
         loaded = load_model(config.model or DEFAULT_MODEL)
@@ -239,7 +240,7 @@ def check_store_matches(location: str, meta: dict, loaded) -> None:
 
 # Options that may differ when resuming: they change where and how fast, not what is computed.
 # Where the store, model and labels are may change; what they hold may not (checked by hash).
-RESUMABLE_CHANGES = {"progress", "workers", "device", "cache_dir", "resume", "overwrite", "out",
+RESUMABLE_CHANGES = {"progress", "workers", "preload", "device", "cache_dir", "resume", "overwrite", "out",
                      "from_cache", "manifest", "model", "audio_root", "labels"}
 
 
@@ -326,7 +327,7 @@ def train(config: TrainConfig) -> TrainResult:
     def train_batches(epoch: int):
         for batch in iterate_batches(source, train_split.ids, train_targets, epoch_plan(epoch),
                                      seed=config.seed, epoch=epoch, max_frames=config.max_frames,
-                                     workers=config.workers):
+                                     workers=config.workers, pin=device.type == "cuda"):
             yield batch.to(device)
 
     def evaluate() -> dict:

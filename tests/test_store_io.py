@@ -21,14 +21,15 @@ CHUNK, SHARD = 8, 64
 
 def write_store(path: Path, *, dtype: str = "float16", compression: str | None = "none",
                 checksum: str | None = "crc32c", version: int = FORMAT_VERSION, seed: int = 0,
-                zero_chunk: bool = False) -> dict[str, np.ndarray]:
+                zero_chunk: bool = False, hidden: int = HIDDEN) -> dict[str, np.ndarray]:
     """A store of random float32 states (as `dtype`) with short, chunk-crossing and
     longer-than-a-shard utterances; returns the float32 states by id."""
     import torch
 
     rng = np.random.default_rng(seed)
-    meta = {"format": FORMAT, "format_version": version, "dtype": dtype, "hidden_size": HIDDEN,
-            "chunk_frames": CHUNK, "shard_frames": SHARD, "layers": 2, "frame_rate": 50.0}
+    meta = {"format": FORMAT, "format_version": version, "dtype": dtype, "hidden_size": hidden,
+            "chunk_frames": CHUNK, "shard_frames": SHARD, "layers": 2, "frame_rate": 50.0,
+            "model_id": "random"}
     if checksum:
         meta["checksum"] = checksum
     if compression:
@@ -36,14 +37,16 @@ def write_store(path: Path, *, dtype: str = "float16", compression: str | None =
     writer = StoreWriter(path, meta)
     states = {}
     for i, frames in enumerate([1, 7, 8, 9, 30, 63, 64, 150, 5, 17, 40, 3]):
-        values = rng.standard_normal((frames, HIDDEN)).astype(np.float32) * 3
+        values = rng.standard_normal((frames, hidden)).astype(np.float32) * 3
         if zero_chunk and frames == 40:
             values[8:24] = 0  # whole inner chunks of zeros: zarr writes no bytes for them
         states[f"u{i}"] = values
         writer.add({"id": f"u{i}", "seconds": frames / 50, "source_rate": 16000, "audio_sha256": ""},
                    to_storage(torch.from_numpy(values), dtype))
+    import pyarrow as pa
+
     writer.flush()
-    writer.finalize(table=None, extra_meta={"complete": True})
+    writer.finalize(table=pa.table({"id": list(states)}), extra_meta={"complete": True})
     writer.close()
     return states
 
@@ -227,3 +230,153 @@ def test_zip_deflated_members_fall_back_to_zarr(tmp_path):
     reader = open_cache(archive)
     assert reader.source.file_span(reader.shard_keys()[0]) is None
     np.testing.assert_array_equal(reader["u7"], states["u7"].astype(np.float16))
+
+
+# --- dtypes: every storage dtype reads back within its documented bound ---------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_every_dtype_reads_back_within_its_bound(tmp_path, dtype, compression):
+    store = tmp_path / "s.zarr"
+    states = write_store(store, dtype=dtype, compression=compression)
+    reader = open_cache(store)
+    for uid, values in states.items():
+        got = reader[uid]
+        assert got.shape == values.shape
+        ours = np.asarray(got, np.float32)
+        if dtype == "float32":
+            np.testing.assert_array_equal(ours, values)
+        elif dtype == "int8":  # documented: |error| <= max |x| of the frame / 254
+            bound = np.abs(values).max(axis=1, keepdims=True) / 254
+            assert (np.abs(ours - values) <= bound * (1 + 1e-6)).all()
+        else:  # half precisions: relative rounding 2**-11 (float16), 2**-8 (bfloat16)
+            rel = 2.0 ** (-11 if dtype == "float16" else -8)
+            assert (np.abs(ours - values) <= np.abs(values) * rel + 1e-7).all()
+
+
+def test_int8_takes_at_most_055_of_float16_bytes(tmp_path):
+    sizes = {}
+    for dtype in ("float16", "int8"):  # wav2vec2-base width: the scale's 4 bytes per frame count
+        write_store(tmp_path / dtype, dtype=dtype, hidden=768)
+        sizes[dtype] = sum(f.stat().st_size for f in (tmp_path / dtype / "states").rglob("*") if f.is_file())
+    assert sizes["int8"] <= 0.55 * sizes["float16"]
+
+
+def test_int8_outlier_channels_and_silent_frames():
+    """Per-frame scales: an outlier channel costs only its own frame's precision; an all-zero
+    frame stays exactly zero."""
+    import torch
+
+    from cachegen.store import from_storage
+
+    values = np.random.default_rng(1).standard_normal((6, HIDDEN)).astype(np.float32)
+    values[2, 5] = 500.0
+    values[4] = 0.0
+    stored = to_storage(torch.from_numpy(values), "int8")
+    assert stored.dtype == np.int8 and stored.shape == (6, HIDDEN + 4)
+    back = from_storage(stored, "int8")
+    assert not back[4].any()
+    assert np.abs(back[0] - values[0]).max() <= np.abs(values[0]).max() / 254 * (1 + 1e-6)
+    assert np.abs(back[2, 5] - 500.0) <= 500.0 / 254
+
+
+# --- training batches: compact on the host, float32 on the device; preload ------------------
+
+@pytest.mark.parametrize("dtype,carried", [("float16", "float16"), ("bfloat16", "bfloat16"),
+                                           ("int8", "float16"), ("float32", "float32")])
+def test_batches_travel_compact_and_become_float32_on_the_device(tmp_path, dtype, carried):
+    import torch
+
+    from headtrain.data import CacheSource, iterate_batches, plan_batches
+
+    write_store(tmp_path / "s.zarr", dtype=dtype)
+    reader = open_cache(tmp_path / "s.zarr")
+    source = CacheSource(reader)
+    ids = reader.ids
+    plan = plan_batches([reader.frames(u) for u in ids], batch_size=4, seed=0, epoch=0)
+    seen = set()
+    for batch in iterate_batches(source, ids, None, plan, workers=2):
+        assert batch.inputs.dtype == getattr(torch, carried)
+        batch.to(torch.device("cpu"))
+        assert batch.inputs.dtype == torch.float32
+        for row, uid in enumerate(batch.ids):
+            frames = reader.frames(uid)
+            expected = torch.from_numpy(np.array(reader[uid], np.float32))
+            # int8 travels as float16: its rounding is far below the int8 step
+            tolerance = expected.abs().amax(dim=1, keepdim=True) / 254 * 1.01 if dtype == "int8" else 0
+            assert (batch.inputs[row, :frames] - expected).abs().le(tolerance).all()
+            assert not batch.inputs[row, frames:].any() and batch.mask[row].sum() == frames
+            seen.add(uid)
+    assert seen == set(ids)
+
+
+def test_preload_reads_each_utterance_once(tmp_path, monkeypatch):
+    from headtrain import data
+    from headtrain.data import CacheSource, iterate_batches, plan_batches
+
+    write_store(tmp_path / "s.zarr")
+    reader = open_cache(tmp_path / "s.zarr")
+    reads = []
+    original = reader.read_raw
+    monkeypatch.setattr(reader, "read_raw", lambda uid: reads.append(uid) or original(uid))
+    ids = reader.ids
+    lengths = [reader.frames(u) for u in ids]
+
+    def two_epochs(source):
+        reads.clear()
+        out = []
+        for epoch in range(2):
+            plan = plan_batches(lengths, batch_size=4, seed=0, epoch=epoch)
+            out += [b.inputs.clone() for b in iterate_batches(source, ids, None, plan, epoch=epoch)]
+        return out
+
+    preloaded = two_epochs(CacheSource(reader, preload=True))
+    assert sorted(reads) == sorted(ids)  # one read per utterance, over two epochs
+    streamed = two_epochs(CacheSource(reader, preload=False))
+    assert len(reads) == 2 * len(ids)
+    assert all(a.equal(b) for a, b in zip(preloaded, streamed))
+    assert CacheSource(reader, preload=None).preload  # a tiny store fits the budget
+    monkeypatch.setattr(data, "PRELOAD_BUDGET", 0)
+    assert not CacheSource(reader, preload=None).preload
+
+
+def test_training_from_int8_reaches_the_dev_ccc_of_float16(tiny_model, tmp_path):
+    """The learning test of int8 storage: same corpus, seed and options; only the dtype differs."""
+    from cachegen.build import BuildConfig, build_cache
+    from cachegen.testing import synth_corpus
+    from headtrain import TrainConfig, train
+
+    manifest = synth_corpus(tmp_path / "c", utterances=120, seed=5)
+    ccc = {}
+    for dtype in ("float16", "int8"):
+        store = tmp_path / f"{dtype}.zarr"
+        build_cache(BuildConfig(manifest=str(manifest), out=str(store), model=tiny_model, layers=2,
+                                dtype=dtype, progress=False))
+        assert open_cache(store).meta["dtype"] == dtype
+        result = train(TrainConfig(out=str(tmp_path / dtype), from_cache=str(store), top_layers=2,
+                                   targets=("activation",), epochs=6, batch_size=8, lr=5e-4,
+                                   head_lr=3e-3, dropout=0.0, warmup=0.05, seed=0, progress=False))
+        ccc[dtype] = result.best_dev["activation"]["ccc"]
+    assert ccc["float16"] > 0.3  # it learned something to compare
+    assert abs(ccc["int8"] - ccc["float16"]) <= 0.01, ccc
+
+
+@pytest.mark.parametrize("dtype,compression", [("float16", "none"), ("int8", "none"),
+                                               ("bfloat16", "lz4"), ("float16", None)])
+def test_cache_format_recipe_reads_with_zarr_and_pyarrow_alone(tmp_path, dtype, compression):
+    """The Python recipe of docs/cache-format.md, run as written (no ser imported), gives the
+    values ser reads, for new dtypes and compressions and for a version 1 store."""
+    import re
+    import subprocess
+    import sys
+
+    store = tmp_path / "store.zarr"
+    write_store(store, dtype=dtype, compression=compression,
+                **({"checksum": None, "version": 1} if compression is None else {}))
+    doc = (Path(__file__).parent.parent / "docs" / "cache-format.md").read_text()
+    recipe = re.search(r"```python\n(import io\n.*?)```", doc, re.S).group(1)
+    recipe += "\nnp.save('first.npy', hidden)\nimport sys\nassert 'cachegen' not in sys.modules\n"
+    done = subprocess.run([sys.executable, "-c", recipe], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reader = open_cache(store)
+    np.testing.assert_array_equal(np.load(tmp_path / "first.npy"), np.asarray(reader[reader.ids[0]], np.float32))
