@@ -18,7 +18,11 @@ its own store of the same states with its own writer and defaults, then measures
   length-bucketed plan), the batches as training gets them before `Batch.to(device)`;
 - (this checkout only) each `--compression`: store bytes against raw float16, write
   throughput, one-thread reads; int8: bytes against float16, read speed, and the error
-  against the float32 states in units of the documented bound (max |x| of the frame / 254).
+  against the float32 states in units of the documented bound (max |x| of the frame / 254);
+- (this checkout only) the build without its forward pass: `build_cache` (2 decoding
+  threads, float16, default compression) over synthetic audio (`--build-utterances` files of
+  3-11 s, 16 kHz, and again half 16 kHz, half 44.1 kHz), with the lower stack replaced by a
+  stand-in returning states of the right shape; x real time of the build's loop.
 
 States: layer-9 states of the wav2vec2-base architecture with random weights for a few
 synthetic utterances, stretched to `--hours` of 3-11 s utterances with 1 % noise
@@ -177,13 +181,65 @@ def worker(args) -> None:
                        "write_mib_s": raw_mib / seconds, "read_1": read,
                        "worst_error_in_bounds": worst,
                        "mean_error_vs_mean_abs": float(np.mean(mean_error) / np.mean(scale))}
+    if new:
+        out["build"] = build_side(args, workdir)
     print(json.dumps(out))
+
+
+class StandInForward:
+    """The lower stack replaced by states of the right shape (windows of a fixed bank of
+    noise): the build's every other step runs as it would on a GPU that costs nothing."""
+
+    def __init__(self, model, layers: int, *, device: str = "cpu"):
+        from cachegen.lower import frame_counts
+
+        self.model, self.frame_counts = model, frame_counts
+        self.bank = np.random.default_rng(0).standard_normal((4096, model.config.hidden_size), dtype=np.float32)
+
+    def __call__(self, waveforms):
+        import torch
+
+        counts = self.frame_counts(self.model, [len(w) for w in waveforms])
+        return [torch.from_numpy(np.resize(self.bank, (n, self.bank.shape[1]))) for n in counts]
+
+
+def build_side(args, workdir: Path) -> dict:
+    """`build_cache` with the forward replaced by StandInForward: x real time of the loop
+    (decode, resample, normalise, convert, checksum, compress, write, commit, finalise)."""
+    import torch
+
+    torch.set_num_threads(1)
+    import cachegen.lower
+    from cachegen.build import BuildConfig, build_cache
+    from cachegen.testing import base_config, save_model, synth_corpus
+
+    model = workdir / "base-model"
+    if not (model / "config.json").exists():
+        save_model(model, base_config(), seed=args.seed)
+    cachegen.lower.LowerStack = StandInForward  # build_cache imports it at call time
+    out = {}
+    for rates in ((16000,), (16000, 44100)):
+        name = "+".join(f"{r / 1000:g} kHz" for r in rates)
+        corpus = workdir / f"build-audio-{'-'.join(map(str, rates))}"
+        if not (corpus / "manifest.csv").exists():
+            synth_corpus(corpus, utterances=args.build_utterances, seconds=(3, 11), seed=args.seed,
+                         sample_rates=rates)
+        best = None
+        for _ in range(args.repeats):
+            summary = build_cache(BuildConfig(manifest=str(corpus / "manifest.csv"), out=str(workdir / "build.zarr"),
+                                              model=str(model), layers=9, batch_size=8, overwrite=True,
+                                              progress=False, workers=2, device="cpu"))
+            x = summary.audio_hours * 3600 / summary.seconds
+            best = x if best is None else max(best, x)
+        out[name] = {"x_real_time": best, "audio_seconds": summary.audio_hours * 3600}
+    return out
 
 
 def run_code(label: str, code: Path, args, states: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(HERE / "bench_feed.py"), "--workdir", args.workdir, "--repeats",
-               str(args.repeats), "--seed", str(args.seed), "worker", "--label", label,
+               str(args.repeats), "--seed", str(args.seed), "--build-utterances",
+               str(args.build_utterances), "worker", "--label", label,
                "--states", str(states)]
     done = subprocess.run(command, env=env, cwd=code, capture_output=True, text=True, check=False)
     if done.returncode:
@@ -218,6 +274,10 @@ def table(results: list[dict]) -> str:
                  f"{q['read_1']:,.0f} |\n\nint8 error against the float32 states: worst "
                  f"{q['worst_error_in_bounds']:.3f} of the bound (max |x| of the frame / 254); mean "
                  f"|error| {q['mean_error_vs_mean_abs']:.4f} of mean |x|.")
+    if "build" in after:
+        text += ("\n\n| build with a stand-in forward, audio at | x real time |\n|---|---|\n"
+                 + "\n".join(f"| {name} ({b['audio_seconds'] / 60:.0f} min) | **{b['x_real_time']:,.0f}x** |"
+                             for name, b in after["build"].items()))
     return text
 
 
@@ -227,6 +287,8 @@ def main() -> None:
     parser.add_argument("--hours", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--build-utterances", type=int, default=300,
+                        help="synthetic audio files (3-11 s) for the build measurement")
     commands = parser.add_subparsers(dest="command")
     work = commands.add_parser("worker", help="(internal) measure the code on PYTHONPATH")
     work.add_argument("--label", required=True)

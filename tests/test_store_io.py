@@ -380,3 +380,29 @@ def test_cache_format_recipe_reads_with_zarr_and_pyarrow_alone(tmp_path, dtype, 
     assert done.returncode == 0, done.stderr[-2000:]
     reader = open_cache(store)
     np.testing.assert_array_equal(np.load(tmp_path / "first.npy"), np.asarray(reader[reader.ids[0]], np.float32))
+
+
+@pytest.mark.parametrize("dtype,compression", [("int8", "none"), ("float16", "lz4"), ("float16", "zstd")])
+def test_resumed_build_equals_one_build_for_new_dtypes_and_compressions(tiny_model, corpus, tmp_path,
+                                                                        dtype, compression):
+    """A build stopped after part 1 of 2 and resumed equals an uninterrupted build; the store
+    records its dtype and compression, and `cache info` shows them."""
+    from cachegen.build import BuildConfig, build_cache
+    from conftest import run_cli
+
+    def build(out, **options):
+        return build_cache(BuildConfig(manifest=corpus, out=str(out), model=tiny_model, layers=2,
+                                       dtype=dtype, compression=compression, batch_size=4,
+                                       progress=False, **options))
+
+    build(tmp_path / "once.zarr")
+    build(tmp_path / "resumed.zarr", part=(1, 2))
+    summary = build(tmp_path / "resumed.zarr")
+    assert summary.already > 0 and summary.cached > 0
+    once, resumed = open_cache(tmp_path / "once.zarr"), open_cache(tmp_path / "resumed.zarr")
+    assert sorted(once.ids) == sorted(resumed.ids) and len(once) == 24
+    for uid in once.ids:
+        np.testing.assert_array_equal(once.read_raw(uid), resumed.read_raw(uid))
+    assert resumed.meta["dtype"] == dtype and resumed.meta["compression"] == compression
+    info = run_cli("cache", "info", tmp_path / "resumed.zarr")
+    assert f"dtype:        {dtype}" in info.output and f"compression {compression}" in info.output
