@@ -37,7 +37,9 @@ class BuildConfig:
     workers: int = 2  # background decoding threads
     overwrite: bool = False
     audio_root: str | None = None
-    chunk_frames: int | None = None  # default: 256 (measured in docs/benchmarks.md), at most a shard
+    # default: 32 uncompressed (alignment padding costs bytes), 256 compressed (measured in
+    # docs/benchmarks.md); at most a shard
+    chunk_frames: int | None = None
     shard_frames: int | None = None  # default: ~16 MiB shard files
     compression: str | None = None  # default: none (measured in docs/benchmarks.md); a store keeps its own
     part: tuple[int, int] | None = None  # (I, N), 1-based: one of N independent jobs
@@ -48,7 +50,8 @@ class BuildConfig:
     def resolved_chunk_frames(self) -> int:
         if self.chunk_frames:
             return self.chunk_frames
-        return min(256, self.shard_frames) if self.shard_frames else 256
+        default = 32 if (self.compression or "none") == "none" else 256
+        return min(default, self.shard_frames) if self.shard_frames else default
 
     def validate(self) -> None:
         if self.part and not 1 <= self.part[0] <= self.part[1]:

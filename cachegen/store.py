@@ -124,17 +124,9 @@ def from_storage(array: np.ndarray, dtype: str) -> np.ndarray:
     return array
 
 
-COMPACT_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16", "int8": "float16"}
-
-
-def compact(array: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored array -> the smallest array training can move to the device as it is:
-    float16 and float32 unchanged, bfloat16 as its uint16 bits (view them as torch.bfloat16),
-    int8 dequantised to float16 (its float16 rounding is far below the int8 step)."""
-    if dtype == "int8":
-        values, scales = int8_parts(array)
-        return values * scales.astype(np.float16)
-    return array
+# the dtype training moves to the device: the stored one (int8 rows keep their scales and are
+# dequantised on the device; bfloat16 travels as its bits)
+COMPACT_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16", "int8": "int8"}
 
 
 def checksum(array: np.ndarray, kind: str = "crc32c") -> int:

@@ -81,9 +81,11 @@ def write(path: Path, states: dict, *, dtype: str = "float16", **options) -> flo
     from cachegen import store
 
     shutil.rmtree(path, ignore_errors=True)
+    # each code's default inner chunk: 256 frames before, 32 uncompressed / 256 compressed after
+    chunk = 32 if options.get("compression") == "none" else 256
     meta = {"format": store.FORMAT, "format_version": store.FORMAT_VERSION, "dtype": dtype,
-            "hidden_size": 768, "chunk_frames": 256, "layers": 9, "frame_rate": 50.0,
-            "shard_frames": store.default_shard_frames(768, dtype, 256), **options}
+            "hidden_size": 768, "chunk_frames": chunk, "layers": 9, "frame_rate": 50.0,
+            "shard_frames": store.default_shard_frames(768, dtype, chunk), **options}
     started = time.perf_counter()
     writer = store.StoreWriter(path, meta)
     for uid, values in states.items():
@@ -114,7 +116,7 @@ def worker(args) -> None:
     raw_mib = sum(v.nbytes for v in half.values()) / 2**20
     new = hasattr(store, "COMPRESSIONS")
     # the raw ceiling: one .npy of every utterance, memory-mapped
-    flat = workdir / "raw.npy"
+    flat = workdir / f"raw-{Path(args.states).stem}.npy"
     if not flat.exists():
         np.save(flat, np.concatenate(list(half.values())))
     mapped = np.load(flat, mmap_mode="r")
@@ -130,7 +132,7 @@ def worker(args) -> None:
         return np.array(mapped[start:end])
 
     out = {"code": args.label, "utterances": len(ids), "raw_mib": raw_mib}
-    location = workdir / f"store-{args.label}.zarr"
+    location = workdir / f"store-{args.label.split()[0]}.zarr"  # before / after
     seconds = write(location, states, **({"compression": "none", "checksum": "crc32c"} if new else {}))
     out["write_mib_s"] = raw_mib / seconds
     reader = open_cache(location)

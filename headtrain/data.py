@@ -18,8 +18,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# compact numpy dtype of loaded states -> the batch's torch dtype (uint16: bfloat16 bits)
-TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "uint16": torch.bfloat16}
+# numpy dtype of loaded states -> the batch's torch dtype (uint16: bfloat16 bits)
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "uint16": torch.bfloat16,
+                "int8": torch.int8}
 BUCKET_BATCHES = 32  # batches per sorting bucket of `length` batching
 
 
@@ -43,13 +44,20 @@ class Batch:
     inputs: object  # (B, T, D) float32 states, or a list of (S_i,) waveforms
     mask: torch.Tensor | None  # (B, T) bool for states; None for audio (the model derives it)
     targets: torch.Tensor | None  # (B, targets), standardised
+    scales: torch.Tensor | None = None  # (B, T, 1) float32 per-frame scales of int8 inputs
 
     def to(self, device) -> "Batch":
-        """Move to `device`; states travel in their compact dtype (float16 from a float16
-        store: half the bytes) and become float32 there. From pinned memory (collate's `pin`)
-        the copies are asynchronous on CUDA (untested on CUDA: no GPU in our CI)."""
-        self.inputs = ([w.to(device) for w in self.inputs] if isinstance(self.inputs, list)
-                       else self.inputs.to(device, non_blocking=True).float())
+        """Move to `device`; states travel as stored (float16 from a float16 store: half the
+        bytes of float32; int8 with its scales: a quarter) and become float32 there. From
+        pinned memory (collate's `pin`) the copies are asynchronous on CUDA (untested on CUDA:
+        no GPU in our CI)."""
+        if isinstance(self.inputs, list):
+            self.inputs = [w.to(device) for w in self.inputs]
+        else:
+            self.inputs = self.inputs.to(device, non_blocking=True).float()
+            if self.scales is not None:
+                self.inputs *= self.scales.to(device, non_blocking=True)
+                self.scales = None
         self.mask = None if self.mask is None else self.mask.to(device, non_blocking=True)
         self.targets = None if self.targets is None else self.targets.to(device, non_blocking=True)
         return self
@@ -105,9 +113,9 @@ def memory_available() -> int | None:
 class CacheSource:
     """Hidden states from a store; lengths from its index (no data read).
 
-    `load` gives numpy arrays in the store's compact dtype (`cachegen.store.compact`: float16
-    stays float16, int8 is dequantised to float16, bfloat16 stays bfloat16 bits); `collate`
-    pads them into one tensor of that dtype, and `Batch.to` casts to float32 on the device.
+    `load` gives the stored rows as numpy arrays (float16, float32, bfloat16 bits, or int8
+    values followed by their scale's bytes); `collate` pads them into one tensor of that
+    dtype (int8: plus a scales tensor), and `Batch.to` makes float32 of them on the device.
     With `preload`, each utterance is kept in memory after its first read (the first epoch
     reads the store, later ones do not); None decides by size (PRELOAD_BUDGET).
     """
@@ -115,13 +123,13 @@ class CacheSource:
     kind = "states"
 
     def __init__(self, reader, *, preload: bool | None = False):
-        from cachegen.store import COMPACT_DTYPES, compact
+        from cachegen.store import COMPACT_DTYPES, storage_width
 
         self.reader = reader
-        self.compact = compact
         self.dtype = np.dtype(COMPACT_DTYPES[reader.dtype])
         frames = sum(reader.frames(uid) for uid in reader.ids)
-        self.memory_bytes = frames * reader.meta.get("hidden_size", 0) * self.dtype.itemsize
+        width = storage_width(reader.meta.get("hidden_size", 0), reader.dtype)
+        self.memory_bytes = frames * width * self.dtype.itemsize
         if preload is None:
             available = memory_available()
             budget = min(PRELOAD_BUDGET, available // 4 if available else PRELOAD_BUDGET)
@@ -138,7 +146,7 @@ class CacheSource:
     def load(self, uid: str, crop: tuple[int, int] | None = None) -> np.ndarray:
         states = self._memory.get(uid)
         if states is None:
-            states = self.compact(self.reader.read_raw(uid), self.reader.dtype)
+            states = self.reader.read_raw(uid)
             if self.preload:  # a private copy: the read may be a view of a mapped shard
                 states = self._memory[uid] = np.array(states)
         if crop:
@@ -195,22 +203,35 @@ class AudioSource:
 
 def collate(source, ids: list[str], items: list, targets, *, pin: bool = False) -> Batch:
     """One batch: waveforms as a list; states zero-padded into one (B, T, D) tensor of their
-    compact dtype (in pinned memory with `pin`, for asynchronous copies to a GPU) and a
+    stored dtype (int8: and a (B, T, 1) scales tensor; in pinned memory with `pin`, for asynchronous copies to a GPU) and a
     (B, T) mask of real frames."""
     target_tensor = None if targets is None else torch.as_tensor(targets, dtype=torch.float32)
     if source.kind == "audio":
         return Batch(ids=ids, inputs=items, mask=None, targets=target_tensor)
+    from cachegen.store import int8_parts
+
     lengths = torch.tensor([len(item) for item in items])
-    dtype = TORCH_DTYPES[items[0].dtype.name]
-    states = torch.zeros((len(items), int(lengths.max()), items[0].shape[1]), dtype=dtype, pin_memory=pin)
+    frames, dtype = int(lengths.max()), TORCH_DTYPES[items[0].dtype.name]
+    scaled = dtype == torch.int8  # int8 rows end with their scale's 4 bytes
+    width = items[0].shape[1] - (4 if scaled else 0)
+    states = torch.empty((len(items), frames, width), dtype=dtype, pin_memory=pin)
+    scales = torch.empty((len(items), frames, 1), dtype=torch.float32, pin_memory=pin) if scaled else None
     # numpy has no bfloat16: its bits are copied as int16
     target = (states.view(torch.int16) if dtype == torch.bfloat16 else states).numpy()
-    for row, item in zip(target, items):  # one copy, from the store's bytes into the batch
-        row[:len(item)] = item.view(row.dtype)
-    mask = torch.arange(states.shape[1])[None, :] < lengths[:, None]
+    for i, item in enumerate(items):  # one copy from the store's bytes; only padding is zeroed
+        n = len(item)
+        if scaled:
+            values, frame_scales = int8_parts(item)
+            target[i, :n] = values
+            scales.numpy()[i, :n] = frame_scales
+            scales.numpy()[i, n:] = 0
+        else:
+            target[i, :n] = item.view(target.dtype)
+        target[i, n:] = 0
+    mask = torch.arange(frames)[None, :] < lengths[:, None]
     if pin:
         mask, target_tensor = mask.pin_memory(), None if target_tensor is None else target_tensor.pin_memory()
-    return Batch(ids=ids, inputs=states, mask=mask, targets=target_tensor)
+    return Batch(ids=ids, inputs=states, mask=mask, targets=target_tensor, scales=scales)
 
 
 def iterate_batches(source, ids: list[str], targets: np.ndarray | None, plan: list[list[int]], *,
