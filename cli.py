@@ -32,7 +32,21 @@ class EchoHandler(logging.Handler):
         click.echo(self.format(record), err=True)
 
 
+def _set_threads(ctx, param, value: int | None) -> None:
+    if value is not None:
+        import torch
+
+        torch.set_num_threads(value)
+
+
+# On a shared or busy machine torch's default (one thread per core) oversubscribes the cores.
+_THREADS = click.option("--threads", type=click.IntRange(min=1), default=None, expose_value=False,
+                        callback=_set_threads,
+                        help="torch intra-op CPU threads (default: one per core).")
+
+
 @click.group(cls=SerGroup)
+@click.version_option(package_name="ser", prog_name="ser", message="%(prog)s %(version)s")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def main(verbose: bool) -> None:
     """Efficient finetuning for dimensional speech emotion recognition."""
@@ -42,6 +56,20 @@ def main(verbose: bool) -> None:
         logger.addHandler(EchoHandler())
         logger.setLevel(logging.DEBUG if verbose else logging.INFO)
         logger.propagate = False
+
+
+def _storage_options(ctx, param, value: str | None) -> None:
+    if value:
+        from cachegen.reader import configure_storage
+
+        configure_storage(value, source="--storage-options")
+
+
+STORAGE_OPTIONS = click.option(
+    "--storage-options", metavar="JSON", expose_value=False, callback=_storage_options,
+    help='Options of the fsspec backend per protocol for s3://, gs://, ... URLs, e.g. '
+         '\'{"s3": {"endpoint_url": "http://minio:9000"}}\' (default: the backend\'s own '
+         'configuration: environment variables, ~/.aws, ~/.config/fsspec).')
 
 
 @main.group()
@@ -57,6 +85,9 @@ def cache() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
               show_default=True, help="Storage dtype of the states.")
+@click.option("--compression", type=click.Choice(["none", "lz4", "zstd"]), default=None,
+              help="Compression of the states (default none: measured fastest, lossless codecs "
+                   "save under 10 %; docs/benchmarks.md). A store keeps its own on resume.")
 @click.option("--batch-size", default=8, show_default=True,
               help="Utterances per batch (and at most 20 s of padded audio per utterance slot).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -76,14 +107,15 @@ def cache() -> None:
 @click.option("--max-seconds", type=float, default=300.0, show_default=True,
               help="Skip (and record) audio longer than this; 0: no limit. Memory grows with length.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def cache_build(manifest, model, layers, out, dtype, batch_size, device, workers, audio_root,
-                shard_frames, overwrite, part, pooled_layers, max_seconds, no_progress):
+@_THREADS
+def cache_build(manifest, model, layers, out, dtype, compression, batch_size, device, workers,
+                audio_root, shard_frames, overwrite, part, pooled_layers, max_seconds, no_progress):
     """Run the feature encoder and lower LAYERS layers once; store each utterance's states."""
     from cachegen.build import BuildConfig, build_cache
 
     summary = build_cache(BuildConfig(
-        manifest=manifest, out=out, model=model, layers=layers, dtype=dtype, batch_size=batch_size,
-        device=device, workers=workers, overwrite=overwrite, audio_root=audio_root,
+        manifest=manifest, out=out, model=model, layers=layers, dtype=dtype, compression=compression,
+        batch_size=batch_size, device=device, workers=workers, overwrite=overwrite, audio_root=audio_root,
         shard_frames=shard_frames, part=_part(part), pooled_layers=pooled_layers,
         max_seconds=max_seconds or None,
         progress=not no_progress))
@@ -105,6 +137,7 @@ def _part(value: str | None) -> tuple[int, int] | None:
 
 @cache.command("info")
 @click.argument("store")
+@STORAGE_OPTIONS
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--cache-dir", default=None, help="Keep a remote store's files here after their first read.")
 def cache_info(store, as_json, cache_dir):
@@ -119,6 +152,7 @@ def cache_info(store, as_json, cache_dir):
 
 @cache.command("verify")
 @click.argument("store")
+@STORAGE_OPTIONS
 @click.option("--cache-dir", default=None, help="Keep a remote store's files here after their first read.")
 def cache_verify(store, cache_dir):
     """Check every utterance's checksum and the index; exit 1 naming each problem."""
@@ -136,6 +170,7 @@ def cache_verify(store, cache_dir):
 @cache.command("copy")
 @click.argument("src")
 @click.argument("dst")
+@STORAGE_OPTIONS
 @click.option("--jobs", default=4, show_default=True, help="Files fetched at once.")
 def cache_copy(src, dst, jobs):
     """Copy store SRC (folder, .zip or URL) to DST (folder, .zip or URL such as s3://...).
@@ -179,7 +214,8 @@ def _floats(value: str | None, option: str) -> tuple[float, float] | None:
               help="Label columns to predict, comma-separated.")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--resume", default=None, type=click.Path(file_okay=False, exists=True),
-              help="Continue this run from its last epoch checkpoint (same options).")
+              help="Continue this run from its last epoch checkpoint, with the options it was "
+                   "started with.")
 @click.option("--labels", default=None, type=click.Path(dir_okay=False),
               help="Labels table (CSV/Parquet: id, targets, split) instead of the store's.")
 @click.option("--train-split", default="train", show_default=True)
@@ -197,26 +233,54 @@ def _floats(value: str | None, option: str) -> tuple[float, float] | None:
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--max-frames", type=int, default=None, help="Random crop of longer utterances in training.")
 @click.option("--early-stop", type=int, default=None, help="Stop after N epochs without dev gain.")
+@click.option("--batching", type=click.Choice(["random", "length"]), default="random", show_default=True,
+              help="random: each batch a random sample, so the CCC loss sees the spread of the "
+                   "targets. length: sorted by length within buckets: 35 points less padding, "
+                   "but where duration follows the targets 0.055 lower dev CCC, with no "
+                   "measurable time saved on a tiny model on CPU (docs/training.md).")
+@click.option("--select", default="mean", show_default=True, metavar="TARGET|mean",
+              help="Best epoch by the mean dev CCC over the targets, or by one target's dev CCC.")
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "no"]), default=None,
               help="Mixed precision (default: bf16/fp16 on GPU, no on CPU).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda if available).")
 @click.option("--lora-rank", default=8, show_default=True)
 @click.option("--lora-alpha", default=16, show_default=True)
 @click.option("--workers", default=2, show_default=True, help="Background reading threads.")
+@click.option("--preload/--no-preload", default=None,
+              help="Keep the store's states in memory after their first read (default: when they "
+                   "take at most 4 GiB and a quarter of the available memory).")
 @click.option("--cache-dir", default=None, help="Keep a local copy of remote store files here (later epochs and runs read it).")
+@STORAGE_OPTIONS
 @click.option("--audio-root", default=None, type=click.Path(file_okay=False))
 @click.option("--no-progress", is_flag=True)
-def train_command(targets, label_range, no_progress, out, resume, **options):
-    """Finetune the top K layers and a regression head (from a store or from audio)."""
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run in --out (removes only the files a run writes).")
+@_THREADS
+@click.pass_context
+def train_command(ctx, targets, label_range, no_progress, out, resume, **options):
+    """Finetune the top K layers and a regression head (from a store or from audio).
+
+    `--resume RUN` alone continues RUN with the options it was started with; options given
+    again must agree with them (the store, model and labels locations may change)."""
+    from click.core import ParameterSource
+
     from headtrain import TrainConfig, train
+    from headtrain.train import resume_config
 
     if resume and out and Path(out).resolve() != Path(resume).resolve():
         raise click.BadParameter("--resume continues a run in place: drop --out or give the same folder")
     if not (out or resume):
         raise click.UsageError("Missing option '--out'.")
-    result = train(TrainConfig(out=out or resume, resume=bool(resume), targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
-                               label_range=_floats(label_range, "--label-range"),
-                               progress=not no_progress, **options))
+    options.update(targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+                   label_range=_floats(label_range, "--label-range"), progress=not no_progress)
+    if resume:
+        given = {name: value for name, value in options.items()
+                 if ctx.get_parameter_source({"progress": "no_progress"}.get(name, name))
+                 is not ParameterSource.DEFAULT}
+        config = resume_config(resume, **given)
+    else:
+        config = TrainConfig(out=out, **options)
+    result = train(config)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
@@ -237,7 +301,9 @@ def train_command(targets, label_range, no_progress, out, resume, **options):
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--device", default=None)
 @click.option("--cache-dir", default=None, help="Keep a local copy of remote store files here.")
+@STORAGE_OPTIONS
 @click.option("--audio-root", default=None, type=click.Path(file_okay=False))
+@_THREADS
 def evaluate_command(**options):
     """Metrics, predictions.csv and a scatter plot of RUN on one split."""
     from headtrain import EvaluateConfig, evaluate
@@ -250,20 +316,30 @@ def evaluate_command(**options):
 
 @main.command("predict")
 @click.argument("run", type=click.Path(file_okay=False, exists=True))
-@click.argument("audio", nargs=-1, type=click.Path(dir_okay=False))
+@click.argument("audio", nargs=-1, type=click.Path())
 @click.option("--manifest", default=None, type=click.Path(dir_okay=False))
 @click.option("--split", default=None)
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Predictions CSV.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Predictions: .csv, or .parquet.")
 @click.option("--model", default=None, help="Base checkpoint, if moved since training.")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--device", default=None)
 @click.option("--audio-root", default=None, type=click.Path(file_okay=False))
-def predict_command(audio, **options):
-    """Predict from raw audio with a run or an exported model (no store needed)."""
+@click.option("--workers", default=2, show_default=True, help="Background audio decoding threads.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@_THREADS
+def predict_command(audio, no_progress, **options):
+    """Predict from raw audio files or folders with a run or an exported model (no store needed).
+
+    Files that cannot be used (unreadable, empty, shorter than the model's receptive field)
+    are skipped and named; the others are predicted; the exit status is then 1."""
     from headtrain import PredictConfig, predict
 
-    count = predict(PredictConfig(audio=tuple(audio), **options))
-    click.echo(f"predicted {count} utterances into {options['out']}")
+    result = predict(PredictConfig(audio=tuple(audio), progress=not no_progress, **options))
+    click.echo(f"predicted {result.predicted} utterances into {result.out}")
+    if result.skipped:
+        click.echo(f"ser: {len(result.skipped)} file(s) skipped (named above)", err=True)
+        sys.exit(1)
 
 
 @main.command("export")
@@ -291,6 +367,7 @@ def export_command(run, out, model):
 @click.option("--device", default=None)
 @click.option("--store", default=None, help="Reuse this store instead of building one.")
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write results here.")
+@_THREADS
 def bench_command(strategies, **options):
     """Measure every strategy side by side on identical batches (speed, memory, parameters)."""
     from headtrain.bench import BenchConfig, bench, format_table
@@ -303,6 +380,7 @@ def bench_command(strategies, **options):
 @main.command("demo")
 @click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False))
 @click.option("--epochs", default=8, show_default=True)
+@_THREADS
 def demo_command(out, epochs):
     """Offline end to end: synthetic corpus, tiny random model, cache, train, evaluate."""
     from headtrain.demo import run_demo

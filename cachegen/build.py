@@ -21,8 +21,9 @@ from .errors import AudioError, ConfigError, StoreError, StoreMismatch
 from .lock import BuildLock, is_lock_file, region_lock
 from .manifest import Utterance, load_manifest
 from .model import DEFAULT_MODEL, LoadedModel, load_model
-from .store import (FORMAT, FORMAT_VERSION, STORAGE_DTYPES, StoreWriter, default_shard_frames,
-                    fingerprint_difference, is_store_folder, load_index, read_meta, to_storage)
+from .store import (COMPRESSIONS, FORMAT, FORMAT_VERSION, STORAGE_DTYPES, StoreWriter,
+                    default_shard_frames, fingerprint_difference, is_store_folder, load_index,
+                    read_meta, to_storage)
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,11 @@ class BuildConfig:
     workers: int = 2  # background decoding threads
     overwrite: bool = False
     audio_root: str | None = None
-    chunk_frames: int | None = None  # default: 256 (measured in docs/benchmarks.md), at most a shard
+    # default: 32 uncompressed (alignment padding costs bytes), 256 compressed (measured in
+    # docs/benchmarks.md); at most a shard
+    chunk_frames: int | None = None
     shard_frames: int | None = None  # default: ~16 MiB shard files
+    compression: str | None = None  # default: none (measured in docs/benchmarks.md); a store keeps its own
     part: tuple[int, int] | None = None  # (I, N), 1-based: one of N independent jobs
     pooled_layers: str | None = None  # "all" or "0,6,12": also store per-utterance mean/std
     max_seconds: float | None = 300.0  # longer audio is skipped and recorded; None: no limit
@@ -51,13 +55,16 @@ class BuildConfig:
     def resolved_chunk_frames(self) -> int:
         if self.chunk_frames:
             return self.chunk_frames
-        return min(256, self.shard_frames) if self.shard_frames else 256
+        default = 32 if (self.compression or "none") == "none" else 256
+        return min(default, self.shard_frames) if self.shard_frames else default
 
     def validate(self) -> None:
         if self.part and not 1 <= self.part[0] <= self.part[1]:
             raise ConfigError(f"--part {self.part[0]}/{self.part[1]}: expected I/N with 1 <= I <= N")
         if self.dtype not in STORAGE_DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
+        if self.compression is not None and self.compression not in COMPRESSIONS:
+            raise ConfigError(f"--compression {self.compression!r}: choose one of {', '.join(COMPRESSIONS)}")
         if self.layers < 0:
             raise ConfigError(f"--layers {self.layers}: must be 0 or more")
         if self.batch_size < 1:
@@ -121,11 +128,6 @@ class BuildSummary:
 
 
 def store_meta(config: BuildConfig, loaded: LoadedModel, shard_frames: int) -> dict:
-    import numcodecs
-    import torch
-    import transformers
-    import zarr
-
     cfg = loaded.config
     pooled = pooled_layers(config, loaded)
     return {
@@ -138,9 +140,8 @@ def store_meta(config: BuildConfig, loaded: LoadedModel, shard_frames: int) -> d
         "frame_rate": loaded.frame_rate, "sample_rate": SAMPLE_RATE,
         "preprocessing": loaded.preprocessing(), "dtype": config.dtype,
         "chunk_frames": config.resolved_chunk_frames, "shard_frames": shard_frames,
-        "versions": {"ser": _version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "zarr": zarr.__version__,
-                     "numcodecs": numcodecs.__version__, "python": sys.version.split()[0]},
+        "checksum": "crc32c", "compression": config.compression or "none",
+        "versions": library_versions(),
         **({"pooled_layers": list(pooled)} if pooled else {}),  # absent: the key of older stores
     }
 
@@ -153,12 +154,24 @@ def pooled_layers(config: BuildConfig, loaded: LoadedModel) -> tuple[int, ...]:
         raise ConfigError(f"--pooled-layers {err} (model '{config.model}')") from None
 
 
-def _version() -> str:
+def ser_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
     try:
         return version("ser")
     except PackageNotFoundError:
         return "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of ser and the libraries that decide what a store or a run holds."""
+    import numcodecs
+    import torch
+    import transformers
+    import zarr
+
+    return {"ser": ser_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "zarr": zarr.__version__,
+            "numcodecs": numcodecs.__version__, "python": sys.version.split()[0]}
 
 
 # Padded audio one batch may hold, per utterance of --batch-size: batches of short utterances
@@ -363,8 +376,12 @@ def _build(config: BuildConfig, manifest, loaded: LoadedModel, meta: dict, *, ra
         if config.shard_frames and config.shard_frames != existing["shard_frames"]:
             log.warning("%s: keeping the store's %d frames per shard (--shard-frames %d applies "
                         "to new stores)", config.out, existing["shard_frames"], config.shard_frames)
+        kept = existing.get("compression", "zstd")
+        if config.compression and config.compression != kept:
+            log.warning("%s: keeping the store's compression %s (--compression %s applies to new "
+                        "stores)", config.out, kept, config.compression)
         meta.update(shard_frames=existing["shard_frames"], chunk_frames=existing["chunk_frames"],
-                    created=existing.get("created"))
+                    compression=kept, created=existing.get("created"))
     else:
         meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if state is not None and not main:

@@ -35,3 +35,7 @@ class StoreCorrupt(StoreError):
 
 class UnsafeInput(SerError):
     """A store, zip or checkpoint carries something that must not be opened."""
+
+
+class OutputError(SerError):
+    """An output file or folder cannot be written (read-only, not permitted, disk full)."""

@@ -28,10 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import SerError, StoreCorrupt, StoreError, UnsafeInput
-from .store import (ALLOWED_CODECS, FORMAT, FORMAT_VERSION, INDEX_OPTIONAL, INDEX_SCHEMA, POOLED_CRC,
-                    STORAGE_DTYPES, check_meta,
-                    _quiet_zarr, checksum, from_storage, pooled_shape, write_atomic)
+from .errors import ConfigError, SerError, StoreCorrupt, StoreError, UnsafeInput
+from .store import (ALLOWED_CODECS, CHECKSUMS, FORMAT, INDEX_OPTIONAL, INDEX_SCHEMA, POOLED_CRC,
+                    READABLE_VERSIONS, STORAGE_DTYPES, _quiet_zarr, check_meta, checksum,
+                    from_storage, pooled_shape, storage_width, write_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,11 @@ class Source:
     async def size(self, key: str) -> int | None:
         """Size of `key` in bytes, or None when it does not exist."""
         raise NotImplementedError
+
+    def file_span(self, key: str) -> tuple[str, int, int] | None:
+        """(local file, offset, size) holding the bytes of `key` as they are, for reading them
+        with `os.pread`; None when they are not in a local file (remote, or compressed in a zip)."""
+        return None
 
     def close(self) -> None:
         pass
@@ -125,6 +130,14 @@ class FolderSource(Source):
     async def size(self, key):
         path = self._path(key)
         return path.stat().st_size if path.is_file() else None
+
+    def file_span(self, key):
+        path = self._path(key)
+        try:
+            info = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return (str(path), 0, info.st_size) if stat.S_ISREG(info.st_mode) else None
 
 
 def check_zip(path: str, archive: zipfile.ZipFile) -> None:
@@ -197,6 +210,13 @@ class ZipSource(Source):
     async def size(self, key):
         info = self.members.get(self.prefix + str(_member_path(key)))
         return None if info is None else info.file_size
+
+    def file_span(self, key):
+        info = self.members.get(self.prefix + str(_member_path(key)))
+        if info is None or info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+            return None
+        with self.lock:
+            return self.location, self._data_offset(info), info.file_size
 
     def close(self):
         self.file.close()
@@ -416,6 +436,9 @@ class LocalCopy(Source):
         local = await self.local.size(key)
         return local if local is not None or self.offline else await self.remote.size(key)
 
+    def file_span(self, key):
+        return self.local.file_span(key)
+
     def close(self):
         self.remote.close()
 
@@ -472,6 +495,46 @@ def open_source(location: str | Path, *, cache_dir: str | Path | None = None) ->
     if not path.is_dir():
         raise StoreError(f"{location}: no such store (expected a folder, a .zip or a URL)")
     return FolderSource(path)
+
+
+def configure_storage(options: str | dict, *, source: str = "storage options") -> None:
+    """Give fsspec backends their options (endpoint, credentials, region, ...) in this process.
+
+    `options` maps a protocol to keyword arguments of its fsspec filesystem, in the form of
+    fsspec's own configuration files (`~/.config/fsspec/*.json`, `FSSPEC_S3='{...}'`), e.g.
+    `{"s3": {"endpoint_url": "http://minio:9000"}}`; a JSON string of that is accepted too.
+    They are merged into `fsspec.config.conf`, where every filesystem fsspec makes afterwards
+    (ser's readers and copies included) takes its defaults from; nothing is written anywhere.
+
+    Args:
+        options: the mapping, or its JSON text.
+        source: what the options came from, for error messages (`--storage-options`).
+
+    Raises:
+        ConfigError: not JSON, not an object of objects, or a protocol fsspec does not know.
+
+    Example:
+        >>> configure_storage('{"s3": {"endpoint_url": "http://127.0.0.1:9000"}}')  # doctest: +SKIP
+        >>> open_cache("s3://lab/msp.zarr")  # doctest: +SKIP
+    """
+    import fsspec.config
+    from fsspec.registry import known_implementations, registry
+
+    example = '\'{"s3": {"endpoint_url": "http://127.0.0.1:9000"}}\''
+    if isinstance(options, str):
+        try:
+            options = json.loads(options)
+        except ValueError as err:
+            raise ConfigError(f"{source}: not JSON ({err}); expected options per protocol, such as "
+                              f"{example}") from None
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        raise ConfigError(f"{source}: expected a JSON object of options per protocol, such as {example}")
+    unknown = [p for p in options if p not in known_implementations and p not in registry]
+    if unknown:
+        raise ConfigError(f"{source}: unknown protocol {unknown[0]!r} (known: s3, gs, http, ...); "
+                          f"expected options per protocol, such as {example}")
+    for protocol, values in options.items():
+        fsspec.config.conf.setdefault(protocol, {}).update(values)
 
 
 # --- zarr's view of a source ------------------------------------------------------------------
@@ -704,6 +767,157 @@ def _coalescible(array_meta: dict) -> tuple[int, int, int] | None:
     return shard_rows[0], chunk_rows[0], shard_rows[0] // chunk_rows[0] * 16 + 4
 
 
+def _inner_codec(array_meta: dict) -> str | None:
+    """How ser's fast local path decodes an inner chunk of the states: "none" (the bytes are the
+    little-endian values), "blosc" or "zstd"; None for anything else (zarr then reads it)."""
+    inner = array_meta["codecs"][0].get("configuration", {}).get("codecs", [])
+    if not inner or inner[0].get("name") != "bytes":
+        return None
+    if (inner[0].get("configuration") or {}).get("endian", "little") != "little":
+        return None
+    rest = [c.get("name") for c in inner[1:]]
+    return {(): "none", ("blosc",): "blosc", ("zstd",): "zstd"}.get(tuple(rest))
+
+
+class LocalShards:
+    """Rows of the states read straight from local files: a store folder, a stored zip member, or
+    the local copy of a remote store (whatever `Source.file_span` can name).
+
+    Each shard file is memory-mapped once (its index read and its crc32c checked then). An
+    utterance whose rows are uncompressed and adjacent in the file (what ser writes) is returned
+    as a read-only view of the mapped page cache, so reading it costs its checksum and no copy;
+    anything else (compressed chunks, chunks never written, an utterance over several shards) is
+    assembled into a new array. zarr's per-chunk asynchronous pipeline cost about ten times the
+    copy itself (docs/benchmarks.md). Anything unexpected in a shard raises ValueError, which
+    the reader reports as damage of the utterance; a shard with no local file gives None (zarr
+    reads it then). A shard file must not be truncated in place while mapped (ser never does:
+    every file is replaced by a rename).
+    """
+
+    def __init__(self, source: Source, key_of, *, layout: tuple[int, int, int], codec: str,
+                 hidden: int, dtype: np.dtype):
+        import resource
+
+        self.source, self.key_of, self.codec = source, key_of, codec
+        self.shard_rows, self.chunk_rows, self.index_size = layout
+        self.hidden, self.dtype = hidden, np.dtype(dtype).newbyteorder("<")
+        self.row_bytes = hidden * self.dtype.itemsize
+        self.chunk_bytes = self.chunk_rows * self.row_bytes
+        # each map holds a file descriptor: keep a quarter of what the process may open
+        self.maps = min(4096, max(16, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
+        # shard -> (its chunk bytes, mapped; offset, length and run of adjacent chunks per chunk)
+        self._shards: OrderedDict[int, tuple[np.ndarray, list[int], list[int], list[int]]] = OrderedDict()
+        self._files: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_array(cls, source: Source, array_meta: dict, key_of) -> "LocalShards | None":
+        layout, codec = _coalescible(array_meta), _inner_codec(array_meta)
+        if layout is None or codec is None or (
+                array_meta["chunk_grid"]["configuration"]["chunk_shape"][1] != array_meta["shape"][1]):
+            return None
+        return cls(source, key_of, layout=layout, codec=codec, hidden=array_meta["shape"][1],
+                   dtype=np.dtype(array_meta["data_type"]))
+
+    def read(self, start: int, frames: int) -> np.ndarray | None:
+        """Rows [start, start + frames), or None when a shard has no local file."""
+        shard, low = divmod(start, self.shard_rows)
+        if self.codec == "none" and low + frames <= self.shard_rows:
+            entry = self._shards.get(shard) or self._open(shard)
+            if entry is None:
+                return None
+            data, offsets, _, runs = entry
+            first, last = low // self.chunk_rows, (low + frames - 1) // self.chunk_rows
+            if runs[first] == runs[last] >= 0:  # one run of adjacent chunks: a view, no copy
+                begin = offsets[first] + (low - first * self.chunk_rows) * self.row_bytes
+                return data[begin:begin + frames * self.row_bytes].view(self.dtype).reshape(frames, self.hidden)
+        out = np.empty((frames, self.hidden), self.dtype)
+        row, end = start, start + frames
+        while row < end:
+            shard = row // self.shard_rows
+            stop = min(end, (shard + 1) * self.shard_rows)
+            base = shard * self.shard_rows
+            if not self._copy_rows(shard, row - base, stop - base, out[row - start:stop - start]):
+                return None
+            row = stop
+        return out
+
+    def _open(self, shard: int) -> tuple[np.ndarray, list[int], list[int], list[int]] | None:
+        """Map shard `shard` and check its index; None when it has no local file."""
+        import mmap
+
+        key = self.key_of(shard)
+        span = self.source.file_span(key)
+        if span is None:
+            return None
+        path, base, size = span
+        if size < self.index_size:
+            raise ValueError(f"{key} is shorter than its shard index")
+        mapped = self._files.get(path)  # a zip's members share one map of the archive
+        if mapped is None:
+            with open(path, "rb") as f:
+                mapped = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
+            if base:
+                self._files[path] = mapped
+        if mapped.size < base + size:
+            raise ValueError(f"{key} ends early")
+        data = mapped[base:base + size]
+        index = data[size - self.index_size:]
+        if checksum(index[:-4], "crc32c") != int.from_bytes(index[-4:].tobytes(), "little"):
+            raise ValueError(f"{key}: shard index fails its crc32c")
+        table = index[:-4].view("<u8").reshape(-1, 2)
+        data_size = size - self.index_size
+        written = table[:, 0] != np.iinfo(np.uint64).max
+        used = table[written]
+        if ((used > data_size).any() or (used[:, 0] + used[:, 1] > data_size).any()
+                or (self.codec == "none" and (used[:, 1] != self.chunk_bytes).any())):
+            raise ValueError(f"{key}: shard index points outside its chunks")
+        offsets, runs = table[:, 0].tolist(), []
+        for chunk, offset in enumerate(offsets):  # runs of chunks adjacent in the file
+            if not written[chunk]:
+                runs.append(-1)
+            elif chunk and runs[-1] >= 0 and offsets[chunk - 1] + self.chunk_bytes == offset:
+                runs.append(runs[-1])
+            else:
+                runs.append(chunk)
+        entry = (data[:data_size], offsets, table[:, 1].tolist(), runs)
+        with self._lock:
+            self._shards[shard] = entry
+            while len(self._shards) > self.maps:  # arrays still viewing a dropped map keep it alive
+                self._shards.popitem(last=False)
+        return entry
+
+    def _copy_rows(self, shard: int, low: int, high: int, out: np.ndarray) -> bool:
+        """Rows [low, high) of shard `shard` into `out`; False when the shard is not local."""
+        entry = self._shards.get(shard) or self._open(shard)
+        if entry is None:
+            return False
+        data, offsets, lengths, _ = entry
+        for chunk in range(low // self.chunk_rows, (high - 1) // self.chunk_rows + 1):
+            first = max(low, chunk * self.chunk_rows)
+            last = min(high, (chunk + 1) * self.chunk_rows)
+            skip, rows = first - chunk * self.chunk_rows, slice(first - low, last - low)
+            offset = offsets[chunk]
+            if offset == np.iinfo(np.uint64).max:  # never written: the fill value
+                out[rows] = 0
+            elif self.codec == "none":
+                begin = offset + skip * self.row_bytes
+                out[rows] = data[begin:begin + (last - first) * self.row_bytes].view(self.dtype).reshape(-1, self.hidden)
+            else:
+                decoded = self._decode(data[offset:offset + lengths[chunk]])
+                out[rows] = decoded.view(self.dtype).reshape(self.chunk_rows, self.hidden)[skip:skip + last - first]
+        return True
+
+    def _decode(self, chunk: np.ndarray) -> np.ndarray:
+        import numcodecs
+
+        decoder = numcodecs.Blosc() if self.codec == "blosc" else numcodecs.Zstd()
+        decoded = np.frombuffer(decoder.decode(chunk), np.uint8)
+        if decoded.size != self.chunk_bytes:
+            raise ValueError(f"an inner chunk decodes to {decoded.size} bytes, not {self.chunk_bytes}")
+        return decoded
+
+
 class CacheReader:
     """Read-only view of a store: `.ids`, `len()`, `reader[id]` -> (frames, hidden) array,
     `.meta`, `.table` (the manifest), `.index` (one row per cached utterance), `.keys()` (the
@@ -741,10 +955,14 @@ class CacheReader:
         meta = root.get("attributes", {}).get("ser") if isinstance(root, dict) else None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise StoreError(f"{location}: not a ser store (no 'ser' metadata in zarr.json)")
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in READABLE_VERSIONS:
             raise StoreError(f"{location}: store format version {meta.get('format_version')} is not "
-                             f"supported by this ser (reads version {FORMAT_VERSION}); rebuild it "
-                             "or install the matching ser")
+                             f"supported by this ser (reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}); rebuild it or install the "
+                             "matching ser")
+        if meta.get("checksum", "crc32") not in CHECKSUMS:
+            raise StoreError(f"{location}: unknown checksum {meta.get('checksum')!r} (this ser knows "
+                             f"{', '.join(CHECKSUMS)}); install the matching ser")
         check_meta(location, meta)
         consolidated = (root.get("consolidated_metadata") or {}).get("metadata") or {}
         if ARRAY not in consolidated:
@@ -757,8 +975,14 @@ class CacheReader:
         if STORAGE_DTYPES.get(meta.get("dtype")) != consolidated[ARRAY]["data_type"]:
             raise StoreCorrupt(f"{location}: metadata dtype {meta.get('dtype')!r} does not match the "
                                f"states' data type {consolidated[ARRAY]['data_type']!r}")
+        width = consolidated[ARRAY].get("shape", [0, 0])[1]
+        if isinstance(meta.get("hidden_size"), int) and width != storage_width(meta["hidden_size"], meta["dtype"]):
+            raise StoreCorrupt(f"{location}: states have {width} columns; hidden_size "
+                               f"{meta['hidden_size']} in {meta['dtype']} needs "
+                               f"{storage_width(meta['hidden_size'], meta['dtype'])}")
         self.meta: dict = meta
         self.dtype: str = meta["dtype"]
+        self.checksum: str = meta.get("checksum", "crc32")
         self.store = SourceStore(self.source)
         self.store.limits = chunk_limits(location, meta, consolidated[ARRAY])
         group = zarr.open_group(self.store, mode="r", zarr_format=3, use_consolidated=True)
@@ -778,6 +1002,7 @@ class CacheReader:
                              "before its first commit was finalised; rerun `ser cache build`")
         self.index: pa.Table = index
         self._layout = _coalescible(consolidated[ARRAY]) if self.source.kind == "fsspec" else None
+        self._local = LocalShards.for_array(self.source, consolidated[ARRAY], self._shard_key)
         expected_fields = list(INDEX_SCHEMA) + ([POOLED_CRC] if self.pooled_layers else [])
         missing = [f.name for f in expected_fields if f.name not in INDEX_OPTIONAL and (
                    self.index.schema.get_field_index(f.name) < 0
@@ -832,15 +1057,17 @@ class CacheReader:
             raise StoreCorrupt(f"{self.location}: utterance '{uid}' has an impossible index row "
                                f"(start {start}, frames {frames}); run `ser cache verify`")
         try:
-            if self._layout:
-                self._prefetch(start, frames)
-            raw = self.states[start:start + frames]
+            raw = self._local.read(start, frames) if self._local else None
+            if raw is None:
+                if self._layout:
+                    self._prefetch(start, frames)
+                raw = self.states[start:start + frames]
         except (StoreError, UnsafeInput):
             raise  # unreachable or refused: nothing is known about the bytes
         except Exception as err:  # a damaged shard fails inside the codec pipeline
             raise StoreCorrupt(f"{self.location}: utterance '{uid}' cannot be read ({err}); "
                                "run `ser cache verify`") from None
-        if checksum(raw) != crc:
+        if checksum(raw, self.checksum) != crc:
             raise StoreCorrupt(f"{self.location}: utterance '{uid}' fails its checksum (damaged or "
                                "missing chunk); run `ser cache verify` and rebuild the store")
         return raw
@@ -856,7 +1083,7 @@ class CacheReader:
             high = min(start + frames, (shard + 1) * shard_rows) - shard * shard_rows
             first, last = low // chunk_rows, (high - 1) // chunk_rows
             if last - first + 1 < chunks:  # zarr reads a whole shard in one piece by itself
-                key = f"{ARRAY}/{self.states.metadata.encode_chunk_key((shard, 0))}"
+                key = self._shard_key(shard)
                 requests.append(self.store.prefetch(key, first, last, chunks=chunks, index_size=index_size))
 
         async def gather():
@@ -886,13 +1113,17 @@ class CacheReader:
         except Exception as err:
             raise StoreCorrupt(f"{self.location}: pooled statistics of '{uid}' cannot be read "
                                f"({err}); run `ser cache verify`") from None
-        if checksum(row) != self._pooled_crc[uid]:
+        if checksum(row, self.checksum) != self._pooled_crc[uid]:
             raise StoreCorrupt(f"{self.location}: pooled statistics of '{uid}' fail their checksum "
                                "(damaged or missing chunk); run `ser cache verify` and rebuild the store")
         return row.reshape(pooled_shape(self.meta))
 
+    def _shard_key(self, shard: int) -> str:
+        return f"{ARRAY}/{self.states.metadata.encode_chunk_key((shard, 0))}"
+
     def __getitem__(self, uid: str) -> np.ndarray:
-        """(frames, hidden) states of `uid` (float16/float32 as stored; bfloat16 as float32)."""
+        """(frames, hidden) states of `uid`: float16/float32 as stored (read-only when they are
+        a view of a mapped shard), bfloat16 widened and int8 dequantised to float32."""
         return from_storage(self.read_raw(uid), self.dtype)
 
     def shard_keys(self, uids=None) -> list[str]:
@@ -903,7 +1134,7 @@ class CacheReader:
             start, frames, _ = self._rows[uid]
             numbers.update(range(start // rows_per_file, (start + max(frames, 1) - 1) // rows_per_file + 1))
             pooled.add(start // rows_per_file)  # pooled shard k holds the utterances starting in states shard k
-        keys = [f"{ARRAY}/{self.states.metadata.encode_chunk_key((n, 0))}" for n in sorted(numbers)]
+        keys = [self._shard_key(n) for n in sorted(numbers)]
         if self.pooled_array is not None:
             keys += [f"{POOLED}/{self.pooled_array.metadata.encode_chunk_key((n, 0))}" for n in sorted(pooled)]
         return keys

@@ -178,39 +178,48 @@ class FsspecTarget(Target):
         self.source = FsspecSource(self.location)  # the same connection reads the staged copy
         self.fs, self.root = self.source.fs, self.source.root
 
-    def _exists(self, key: str) -> bool:
-        return self.fs.exists(f"{self.root}/{key}")
+    def _call(self, method: str, key: str, *args):
+        """`fs.method(path of key, *args)`; a missing bucket, denied credentials or a lost
+        connection become one error naming the destination."""
+        try:
+            return getattr(self.fs, method)(f"{self.root}/{key}", *args)
+        except Exception as err:
+            raise StoreError(f"{self.location}: cannot {ACTIONS[method]} {key} ({type(err).__name__}: "
+                             f"{err}); check the bucket and credentials, then rerun the same command "
+                             "to resume") from None
 
     def begin(self, marker):
-        if self._exists(ROOT):
+        if self._call("exists", ROOT):
             raise ConfigError(f"{self.location} already holds a store; remove it or choose another "
                               "destination")
-        path = f"{self.root}/{MARKER}"
-        same = self._exists(MARKER) and json.loads(self.fs.cat_file(path)) == marker
+        same = self._call("exists", MARKER) and json.loads(self._call("cat_file", MARKER)) == marker
         if not same:
-            self.fs.pipe_file(path, json.dumps(marker).encode())
+            self._call("pipe_file", MARKER, json.dumps(marker).encode())
             return set()  # files of another source may be there: every one is written again
         try:  # one listing where the store can list (S3, GCS), else one request per file
             present = {p.removeprefix(self.root + "/") for p in self.fs.find(self.root)}
         except Exception:
-            present = {key for key in marker["keys"] if self._exists(key)}
+            present = {key for key in marker["keys"] if self._call("exists", key)}
         return present & set(marker["keys"])
 
     def write(self, key, data):
-        self.fs.pipe_file(f"{self.root}/{key}", data)
+        self._call("pipe_file", key, data)
 
     def discard(self, keys):
         for key in keys:
-            if self._exists(key):
-                self.fs.rm_file(f"{self.root}/{key}")
+            if self._call("exists", key):
+                self._call("rm_file", key)
 
     def staged(self, root):
         self.source._sizes.clear()
         return OverlaySource(self.source, {ROOT: root})
 
     def publish(self, root):
-        self.fs.pipe_file(f"{self.root}/{ROOT}", root)
-        self.fs.rm_file(f"{self.root}/{MARKER}")
+        self._call("pipe_file", ROOT, root)
+        self._call("rm_file", MARKER)
+
+
+ACTIONS = {"exists": "check", "cat_file": "read", "pipe_file": "write", "rm_file": "delete"}
 
 
 def open_target(destination: str | Path) -> Target:

@@ -31,8 +31,18 @@ import pyarrow.parquet as pq
 from .errors import StoreCorrupt, StoreError
 
 FORMAT = "ser-cache"
-FORMAT_VERSION = 1
-STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
+# Version 2 added the `checksum` and `compression` metadata fields (CRC-32C, no compression by
+# default); version 1 stores (zlib CRC-32, blosc zstd) stay readable.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16", "int8": "int8"}
+# int8 rows hold `hidden` quantised values then the frame's float32 scale as 4 bytes
+SCALE_BYTES = {"int8": 4}
+# Compression of the inner chunks, by the metadata's `compression` (absent: zstd, the codec of
+# version 1 stores); chosen by measurement (docs/benchmarks.md): "none" by default.
+COMPRESSIONS = ("none", "lz4", "zstd")
+# Checksum of an utterance's stored bytes, by the metadata's `checksum` (absent: crc32).
+CHECKSUMS = ("crc32", "crc32c")
 # Codecs a store may use; anything else is refused before a byte is decoded.
 ALLOWED_CODECS = {"sharding_indexed", "bytes", "blosc", "zstd", "gzip", "crc32c", "transpose"}
 # Fields that decide whether an existing store can be resumed or trained from.
@@ -67,29 +77,76 @@ def _quiet_zarr():
     warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component")
 
 
+def compressors(compression: str) -> list:
+    """The zarr compressors of a `compression` name (byte shuffles suit 16-bit floats)."""
+    from zarr.codecs import BloscCodec
+
+    return {"none": [], "lz4": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
+            "zstd": [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]}[compression]
+
+
+def storage_width(hidden: int, dtype: str) -> int:
+    """Columns of the stored array: `hidden`, plus the scale's bytes for int8."""
+    return hidden + SCALE_BYTES.get(dtype, 0)
+
+
 def to_storage(states, dtype: str) -> np.ndarray:
-    """float32 torch tensor (frames, hidden) -> numpy array in the storage dtype."""
+    """float32 torch tensor (frames, hidden) -> numpy array in the storage dtype.
+
+    int8 is quantised per frame: scale = max |x| over the frame's channels / 127, value =
+    round(x / scale), so that every value is within scale / 2 = max |x| / 254 of the float32
+    state (docs/cache-format.md); the scale follows the values in the same row."""
     import torch
 
     if dtype == "bfloat16":
         return states.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    if dtype == "int8":
+        values = states.detach().float().cpu().numpy()
+        scale = (np.abs(values).max(axis=1, initial=0.0) / 127).astype(np.float32)
+        quantised = np.rint(values / np.where(scale > 0, scale, 1)[:, None]).clip(-127, 127)
+        out = np.empty((values.shape[0], storage_width(values.shape[1], dtype)), np.int8)
+        out[:, :values.shape[1]] = quantised
+        out[:, values.shape[1]:] = scale.astype("<f4").view(np.int8).reshape(-1, 4)
+        return out
     return states.to(getattr(torch, dtype)).numpy()
 
 
+def int8_parts(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stored int8 rows -> (values (frames, hidden) int8, scales (frames, 1) float32)."""
+    scales = np.ascontiguousarray(array[:, -SCALE_BYTES["int8"]:]).view("<f4")
+    return array[:, :-SCALE_BYTES["int8"]], scales
+
+
 def from_storage(array: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored array -> numpy float array (bfloat16 bits widen exactly to float32)."""
+    """Stored array -> numpy float array (bfloat16 bits widen exactly to float32; int8 is
+    dequantised to float32)."""
     if dtype == "bfloat16":
         return (array.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "int8":
+        values, scales = int8_parts(array)
+        return values.astype(np.float32) * scales
     return array
 
 
-def checksum(array: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes())
+# the dtype training moves to the device: the stored one (int8 rows keep their scales and are
+# dequantised on the device; bfloat16 travels as its bits)
+COMPACT_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16", "int8": "int8"}
+
+
+def checksum(array: np.ndarray, kind: str = "crc32c") -> int:
+    """CRC of the little-endian bytes of `array` ("crc32c": Castagnoli, in hardware where the CPU
+    has it; "crc32": zlib's, the checksum of version 1 stores). No copy when already little-endian."""
+    data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    if kind == "crc32c":
+        import crc32c
+
+        return crc32c.crc32c(data)
+    return zlib.crc32(data)
 
 
 def default_shard_frames(hidden: int, dtype: str, chunk_frames: int) -> int:
     """About 16 MiB per shard file: few files per audio hour, small enough to write at once."""
-    frame_bytes = hidden * np.dtype(STORAGE_DTYPES[dtype]).itemsize
+    frame_bytes = storage_width(hidden, dtype) * np.dtype(STORAGE_DTYPES[dtype]).itemsize
     frames = 1 << max(0, int(np.log2(16 * 2**20 / frame_bytes)))
     return max(chunk_frames, frames // chunk_frames * chunk_frames)
 
@@ -248,9 +305,10 @@ class StoreWriter:
         self.path = Path(path)
         self.meta = meta
         self.dtype = meta["dtype"]
+        self.checksum = meta.get("checksum", "crc32")
         self.chunk_frames = meta["chunk_frames"]
         self.shard_frames = meta["shard_frames"]
-        self.hidden = meta["hidden_size"]
+        self.hidden = storage_width(meta["hidden_size"], meta["dtype"])  # columns as stored
         self.path.mkdir(parents=True, exist_ok=True)
         # mode "a" never deletes: writers starting together may all get here first, and the
         # one that loses the race to create the group finds it created
@@ -276,7 +334,7 @@ class StoreWriter:
                 group.create_array(
                     "states", shape=(0, self.hidden), dtype=STORAGE_DTYPES[self.dtype],
                     chunks=(self.chunk_frames, self.hidden), shards=(self.shard_frames, self.hidden),
-                    compressors=[zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")],
+                    compressors=compressors(meta.get("compression", "zstd")) or None,
                     fill_value=0, dimension_names=["frame", "hidden"])
             except zarr.errors.ContainsArrayError:
                 pass
@@ -331,7 +389,7 @@ class StoreWriter:
         self.cursor += size
 
     def _record(self, record: dict, states: np.ndarray, start: int) -> dict:
-        return {**record, "start": start, "frames": states.shape[0], "crc32": checksum(states)}
+        return {**record, "start": start, "frames": states.shape[0], "crc32": checksum(states, self.checksum)}
 
     def flush(self) -> None:
         if not self.pending:
@@ -355,7 +413,7 @@ class StoreWriter:
             rows = np.zeros((self.slots, self.pooled_values), np.float32)
             for r in records:
                 rows[r["start"] // self.chunk_frames - shard * self.slots] = r["_pooled"]
-                r["pooled_crc32"] = checksum(r.pop("_pooled"))
+                r["pooled_crc32"] = checksum(r.pop("_pooled"), self.checksum)
             self.pooled[shard * self.slots:(shard + 1) * self.slots] = rows
         table = pa.Table.from_pylist(records, schema=index_schema(self.meta))
         # the record count in the name lets a progress bar count commits without reading them

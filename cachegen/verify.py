@@ -25,6 +25,7 @@ def store_info(location: str, *, cache_dir: str | None = None) -> dict:
             "model_type": meta["model_type"], "layers": meta["layers"],
             "num_hidden_layers": meta["num_hidden_layers"], "hidden_size": meta["hidden_size"],
             "dtype": meta["dtype"], "frame_rate": meta["frame_rate"],
+            "compression": meta.get("compression", "zstd"), "checksum": reader.checksum,
             "utterances": len(reader), "audio_hours": hours,
             "bytes": size, "files": len(reader.keys()), "bytes_per_audio_hour": size / hours if size and hours else None,
             "complete": meta.get("complete"), "failed": meta.get("failures", []),
@@ -52,7 +53,8 @@ def format_info(info: dict) -> str:
         f"hidden {info['hidden_size']})",
         f"weights:      sha256 {info['model_sha256']}",
         f"cached layer: {info['layers']} (states after transformer layer {info['layers']})",
-        f"dtype:        {info['dtype']}, {info['frame_rate']:g} frames/s",
+        f"dtype:        {info['dtype']}, {info['frame_rate']:g} frames/s; compression "
+        f"{info['compression']}, checksum {info['checksum']}",
         f"utterances:   {info['utterances']} ({info['audio_hours']:.3f} h of audio)"
         + (f"; splits {info['splits']}" if info["splits"] else ""),
         f"size:         {size} in {info['files']} files" + (f", {per_hour}" if per_hour else ""),

@@ -350,16 +350,15 @@ def change_text(result: dict) -> str:
 
 def plot_change(result: dict, path: str) -> None:
     """Weight change and 1 - CKA per layer, the threshold and the recommended L."""
-    from .plots import _pyplot
+    from .plots import _figure, save
 
-    plt = _pyplot()
     rows = result["layers"]
     layers = [r["layer"] for r in rows]
     panels = [("weight_change", "relative weight change")]
     if any(r["representation_change"] is not None for r in rows):
         panels.append(("representation_change", "1 - CKA (pretrained vs finetuned)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels):
+    fig, axes = _figure(5.5 * len(panels), 4, columns=len(panels))
+    for ax, (key, label) in zip(axes, panels):
         values = [np.nan if r[key] is None else r[key] for r in rows]
         ax.bar(layers, values, color="tab:blue")
         if (key == "weight_change") == (result["metric"] == "weights"):
@@ -369,9 +368,7 @@ def plot_change(result: dict, path: str) -> None:
         ax.axvline(result["recommended_layers"] + 0.5, color="k", linestyle=":")
         ax.set(xlabel="layer (0 = input of layer 1)", ylabel=label,
                title=f"{label}; L = {result['recommended_layers']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 # --- ser analyze probe ----------------------------------------------------------------------------
@@ -630,13 +627,12 @@ def probe_text(result: dict) -> str:
 
 def plot_probe(result: dict, path: str) -> None:
     """Dev CCC of each layer's probe per target (and the weighted sum's layer weights)."""
-    from .plots import _pyplot
+    from .plots import _figure, save
 
-    plt = _pyplot()
     rows = result["layers"]
     panels = 2 if "weighted_sum" in result else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
-    ax = axes[0][0]
+    fig, axes = _figure(5.5 * panels, 4, columns=panels)
+    ax = axes[0]
     layers = [r["layer"] for r in rows]
     for target in result["targets"]:
         ax.plot(layers, [r[f"{target}_ccc"] for r in rows], "o-", label=target)
@@ -648,9 +644,7 @@ def plot_probe(result: dict, path: str) -> None:
     ax.legend()
     if panels == 2:
         weights = result["weighted_sum"]["layer_weights"]
-        axes[0][1].bar([int(k) for k in weights], list(weights.values()), color="tab:green")
-        axes[0][1].set(xlabel="layer", ylabel="softmax weight",
-                       title=f"weighted sum: dev CCC {result['weighted_sum']['mean_ccc']:.3f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        axes[1].bar([int(k) for k in weights], list(weights.values()), color="tab:green")
+        axes[1].set(xlabel="layer", ylabel="softmax weight",
+                    title=f"weighted sum: dev CCC {result['weighted_sum']['mean_ccc']:.3f}")
+    save(fig, path)

@@ -2,10 +2,11 @@
 
 Every strategy trains the same number of steps on identical batches (same plan, same
 utterances), after warm-up steps that are not timed. Reported per strategy: utterances/s,
-seconds/step, peak memory (CUDA peak allocated on GPU; peak RSS growth on CPU), trainable
+seconds/step, peak memory (CUDA peak allocated on GPU; peak anonymous RSS growth on CPU), trainable
 parameters and their share of the model. For `cached`: the one-off build cost, the epoch
-count after which caching has paid for itself, and the share of the step spent waiting for
-data (store-fed against the same compute fed from tensors in memory).
+count after which caching has paid for itself, and the data wait: the share of the timed
+loop spent blocked on the next batch (`DataWait`; 0 = reading fully hidden behind compute,
+1 = the loop only waits).
 """
 
 from __future__ import annotations
@@ -57,15 +58,18 @@ class BenchConfig:
 
 
 class PeakMemory:
-    """Peak CUDA allocation, or peak resident memory growth sampled every few ms on CPU."""
+    """Peak CUDA allocation, or peak anonymous resident memory growth sampled every few ms on CPU."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
 
     @staticmethod
     def rss() -> int:
+        """Anonymous resident memory: resident minus file-backed pages, so that the page cache
+        of a memory-mapped store does not count as the strategy's memory."""
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            fields = f.read().split()
+        return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
 
     def __enter__(self):
         if self.cuda:
@@ -103,6 +107,33 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+class DataWait:
+    """Iterates `batches`, adding up the seconds spent blocked on the next one while `timing`.
+
+    share = waiting / loop seconds: 0 when every batch was ready before the step asked for it
+    (reading fully hidden behind compute), near 1 when the steps only wait for data.
+    """
+
+    def __init__(self, batches, *, clock=time.perf_counter):
+        self.batches, self.clock = batches, clock
+        self.timing, self.waited = False, 0.0
+
+    def __iter__(self):
+        for_next = iter(self.batches)
+        while True:
+            started = self.clock()
+            try:
+                batch = next(for_next)
+            except StopIteration:
+                return
+            if self.timing:
+                self.waited += self.clock() - started
+            yield batch
+
+    def share(self, loop_seconds: float) -> float:
+        return self.waited / loop_seconds if loop_seconds > 0 else 0.0
+
+
 def measure(job: dict) -> dict:
     """One strategy's timed steps, in a process of its own (spawned), so that its peak memory
     and its allocator start from the same state as every other strategy's."""
@@ -126,8 +157,6 @@ def measure(job: dict) -> dict:
         reader = open_cache(job["store"])
         source, cache_layer = CacheSource(reader), reader.meta["layers"]
     ids, plan = job["ids"], job["plan"]
-    # data-wait check: the same compute fed from tensors read before the clock starts
-    feed = list(iterate_batches(source, ids, None, plan)) if job["in_memory"] else None
     torch.manual_seed(config.seed)
     model = EmotionModel(loaded.model, strategy=job["strategy"], cache_layer=cache_layer,
                          top_layers=config.top_layers, targets=3, dropout=0.1, from_audio=job["from_audio"])
@@ -135,13 +164,15 @@ def measure(job: dict) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    if feed is None:
-        feed = iterate_batches(source, ids, None, plan, seed=config.seed)
+    feed = DataWait(iterate_batches(source, ids, None, plan, seed=config.seed, pin=device.type == "cuda"))
     times, utterances, timed_from = [], 0, None
+    feed.timing = not config.warmup_steps
     with PeakMemory(device) as memory:
         for step, batch in enumerate(feed):
+            if step == config.warmup_steps - 1:
+                feed.timing = True  # the wait for the first timed batch counts
             if step == config.warmup_steps:
-                timed_from = time.perf_counter()  # from here on, waiting for data counts too
+                timed_from = time.perf_counter() - feed.waited  # from here on, waiting counts too
             started = time.perf_counter()
             batch.to(device)
             with accelerator.autocast():
@@ -156,10 +187,13 @@ def measure(job: dict) -> dict:
                 times.append(time.perf_counter() - started)
                 utterances += len(batch.ids)
     seconds = sum(times)
+    loop_seconds = time.perf_counter() - timed_from
     return {"strategy": job["strategy"], "amp": config.amp, "input": "audio" if job["from_audio"] else "store",
             "utterances_per_second": utterances / seconds, "seconds_per_step": seconds / len(times),
             "peak_memory_bytes": max(memory.bytes, 0), "trainable_parameters": trainable,
-            "loop_seconds": time.perf_counter() - timed_from}
+            "loop_seconds": loop_seconds,
+            "data_wait": {"wait_seconds": feed.waited, "loop_seconds": loop_seconds,
+                          "share": feed.share(loop_seconds)} if not job["from_audio"] else None}
 
 
 def in_own_process(job: dict) -> dict:
@@ -213,11 +247,10 @@ def bench(config: BenchConfig) -> dict:
     total_parameters = sum(p.numel() for p in loaded.model.parameters())
     del loaded
 
-    def job(strategy: str, *, in_memory: bool = False) -> dict:
+    def job(strategy: str) -> dict:
         from_audio = strategy in ("full", "partial") or (strategy == "lora" and reader is None)
         return {"config": asdict(config), "strategy": strategy, "from_audio": from_audio,
-                "store": store, "paths": paths, "ids": ids, "plan": plan, "device": str(device),
-                "in_memory": in_memory}
+                "store": store, "paths": paths, "ids": ids, "plan": plan, "device": str(device)}
 
     results = []
     for strategy in config.strategies:
@@ -232,10 +265,6 @@ def bench(config: BenchConfig) -> dict:
             r["speedup_vs_full"] = r["utterances_per_second"] / full["utterances_per_second"]
     cached = by_strategy.get("cached")
     if cached:
-        log.info("bench: cached again, fed from memory (data-wait check)")
-        fed_memory = in_own_process(job("cached", in_memory=True))["loop_seconds"]
-        cached["data_wait"] = {"store_fed_seconds": cached["loop_seconds"], "memory_fed_seconds": fed_memory,
-                               "ratio": fed_memory / cached["loop_seconds"]}
         if build_seconds is not None:
             cached["build_seconds"] = build_seconds
             audio_strategy = by_strategy.get("partial") or full
@@ -262,9 +291,10 @@ def format_table(report: dict) -> str:
                      f"{r['seconds_per_step']:>8.3f} {speedup:>8} {r['peak_memory_bytes'] / 2**20:>8.0f}Mi "
                      f"{r['trainable_parameters']:>12,} {100 * r['trainable_share']:>6.1f}%")
     for r in report["results"]:
-        if "data_wait" in r:
-            lines.append(f"cached step fed from the store vs from memory: {r['data_wait']['ratio']:.2f} "
-                         "(1.0: reading fully hidden behind compute)")
+        if r.get("data_wait"):
+            lines.append(f"{r['strategy']}: data wait {r['data_wait']['share']:.2f} of the timed loop "
+                         "(time blocked on the next batch / loop time; 0 = reading fully hidden "
+                         "behind compute, 1 = only waiting)")
         if r.get("build_seconds") is not None:
             payback = r.get("payback_epochs")
             lines.append(f"cache build: {r['build_seconds']:.1f} s once; pays for itself after "

@@ -34,7 +34,8 @@ def run_demo(out: str, *, epochs: int = 8, echo=print, utterances: int = 200) ->
     run_dir = out_dir / "run"
     result = train(TrainConfig(out=str(run_dir), from_cache=str(store), top_layers=2,
                                targets=("activation", "valence", "dominance"), epochs=epochs,
-                               batch_size=8, lr=5e-4, head_lr=3e-3, dropout=0.0, warmup=0.05))
+                               batch_size=8, lr=5e-4, head_lr=3e-3, dropout=0.0, warmup=0.05,
+                               overwrite=True))  # a second demo replaces the first one's run
     echo(f"best epoch {result.best_epoch}: dev " + ", ".join(
         f"{t} CCC {m['ccc']:.3f}" for t, m in result.best_dev.items()))
     eval_dir = out_dir / "test"

@@ -44,20 +44,41 @@ def predict_split(model, source, ids: list[str], *, batch_size: int, device, acc
     return out
 
 
-def write_predictions(path: Path, ids: list[str], splits: list[str | None], targets: list[str],
-                      pred: np.ndarray, true: np.ndarray | None) -> None:
-    """CSV: id, split, then <target> (if known) and <target>_pred per target."""
-    header = ["id", "split"]
-    for target in targets:
-        header += ([target] if true is not None else []) + [f"{target}_pred"]
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for i, uid in enumerate(ids):
-            row = [uid, splits[i] or ""]
-            for j in range(len(targets)):
-                row += ([f"{true[i, j]:.6g}"] if true is not None else []) + [f"{pred[i, j]:.6g}"]
-            writer.writerow(row)
+OUTPUT_FORMATS = (".csv", ".parquet")
+
+
+def write_predictions(path: Path, columns: dict[str, list], targets: list[str], pred: np.ndarray,
+                      true: np.ndarray | None) -> None:
+    """`columns` (id, path, split ...), then `<target>` (if known) and `<target>_pred` per
+    target; Parquet for a .parquet path, else CSV. Written atomically: a failure (disk full)
+    leaves no cut file behind."""
+    import io
+
+    import pyarrow as pa
+
+    from cachegen.store import parquet_bytes, write_atomic
+
+    from .run import writing
+
+    numbers = {}
+    for j, target in enumerate(targets):
+        if true is not None:
+            numbers[target] = true[:, j]
+        numbers[f"{target}_pred"] = pred[:, j]
+    if path.suffix.lower() == ".parquet":
+        data = parquet_bytes(pa.table({**{name: pa.array(values, pa.string()) for name, values in columns.items()},
+                                       **{name: pa.array(values, pa.float64()) for name, values in numbers.items()}}))
+    else:
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow([*columns, *numbers])
+        for i in range(len(pred)):
+            writer.writerow([*(values[i] or "" for values in columns.values()),
+                             *(f"{values[i]:.6g}" for values in numbers.values())])
+        data = text.getvalue().encode()
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data)
 
 
 @dataclass(frozen=True)
@@ -76,8 +97,12 @@ class EvaluateConfig:
 
     def validate(self) -> None:
         from cachegen.errors import ConfigError
+        from .device import resolve_device
         if bool(self.from_cache) == bool(self.manifest):
             raise ConfigError("pass exactly one of --from-cache STORE or --manifest MANIFEST")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+        resolve_device(self.device)
 
 
 def evaluate(config: EvaluateConfig) -> dict:
@@ -86,31 +111,39 @@ def evaluate(config: EvaluateConfig) -> dict:
     Returns the metrics: {target: {"ccc", "pearson", "mse"}}.
     """
     from .data import CacheSource
-    from .labels import drop_failed, load_splits, read_labels
+    from .device import resolve_device
+    from .labels import drop_failed, drop_unusable, load_splits, read_labels
     from .metrics import target_metrics
     from .plots import plot_scatter
-    from .run import write_json
+    from .run import refuse_run_output, write_json, writing
 
     config.validate()
+    refuse_run_output(Path(config.out), option="--out")
     run, source, table, table_name, available = open_for_run(
         config.run, from_cache=config.from_cache, manifest=config.manifest, model=config.model,
         cache_dir=config.cache_dir, audio_root=config.audio_root)
     if config.labels:
         table, table_name = read_labels(config.labels), config.labels
-    if isinstance(source, CacheSource):
-        table = drop_failed(table, source.reader.meta)
+    table = (drop_failed(table, source.reader.meta) if isinstance(source, CacheSource)
+             else drop_unusable(table, source))
     split = load_splits(table, source=table_name, targets=run.targets, splits=[config.split],
                         available=available)[config.split]
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(config.device)
     model = run.model.to(device)
     pred = run.to_label_scale(predict_split(model, source, split.ids, batch_size=config.batch_size,
                                             device=device))
     metrics = target_metrics(pred, split.targets, run.targets)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(metrics, out / "metrics.json")
-    write_predictions(out / "predictions.csv", split.ids, [config.split] * len(split.ids), run.targets, pred, split.targets)
-    plot_scatter(pred, split.targets, run.targets, metrics, str(out / "scatter.png"))
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    # metrics.json last: a folder without it is an evaluation that did not finish
+    write_predictions(out / "predictions.csv", {"id": split.ids, "split": [config.split] * len(split.ids)},
+                      run.targets, pred, split.targets)
+    with writing(out / "scatter.png"):
+        plot_scatter(pred, split.targets, run.targets, metrics, str(out / "scatter.png"),
+                     split=config.split)
+    with writing(out / "metrics.json"):
+        write_json(metrics, out / "metrics.json")
     return metrics
 
 

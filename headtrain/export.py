@@ -9,21 +9,50 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .run import EXPORT_FORMAT, RUN_FORMAT_VERSION, load_run, save_tensors, write_json
+from safetensors import SafetensorError
+
+from cachegen.errors import ConfigError, OutputError
+
+from .run import (EXPORT_FORMAT, RUN_FORMAT_VERSION, load_run, read_run_info, refuse_run_output,
+                  save_tensors, write_json)
+
+# What an export writes (transformers' files, then ours): a folder holding any of them that is
+# not an earlier export belongs to someone else.
+EXPORT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "head.safetensors",
+                "ser_head.json")
 from .upper import merge_lora
 
 
 def export(run_dir: str, out: str, *, model: str | None = None) -> Path:
     """Write the whole trained network of `run_dir` to `out`; returns the output path."""
+    out_dir = Path(out)
+    refuse_run_output(out_dir, option="--out")
+    check_export_dir(out_dir)
     run = load_run(run_dir, from_audio=True, model=model)
     emotion = run.model
     merge_lora(emotion.backbone)
     backbone = emotion.backbone
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    backbone.save_pretrained(out_dir)
-    run.feature_extractor.save_pretrained(out_dir)
-    save_tensors({n: t.detach() for n, t in emotion.head.state_dict().items()}, out_dir / "head.safetensors")
+    try:
+        # ser_head.json marks a whole export: removed first, written last
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "ser_head.json").unlink(missing_ok=True)
+        backbone.save_pretrained(out_dir)
+        run.feature_extractor.save_pretrained(out_dir)
+        save_tensors({n: t.detach() for n, t in emotion.head.state_dict().items()},
+                     out_dir / "head.safetensors")
+        write_head(out_dir, run, backbone)
+    except (OSError, SafetensorError) as err:  # safetensors' own writer raises its own type
+        for name in EXPORT_FILES:  # what this export began to write: never a cut model left behind
+            try:
+                (out_dir / name).unlink(missing_ok=True)
+            except OSError:
+                pass
+        raise OutputError(f"{out_dir}: cannot be written ({err.strerror or err}); free space or "
+                          "choose a writable place") from None
+    return out_dir
+
+
+def write_head(out_dir: Path, run, backbone) -> None:
     write_json({
         "format": EXPORT_FORMAT, "format_version": RUN_FORMAT_VERSION, "strategy": "full",
         "targets": run.targets, "label_mean": run.mean.tolist(), "label_std": run.std.tolist(),
@@ -33,4 +62,21 @@ def export(run_dir: str, out: str, *, model: str | None = None) -> Path:
         "trained_from": {k: run.info.get(k) for k in ("model_id", "model_sha256", "strategy",
                                                       "cache_layer", "top_layers", "best_epoch")},
     }, out_dir / "ser_head.json")
-    return out_dir
+
+
+def check_export_dir(out_dir: Path) -> None:
+    """Refuse to replace files in `out_dir` that an earlier `ser export` did not write.
+
+    Raises:
+        ConfigError: naming the first such file.
+    """
+    present = [name for name in EXPORT_FILES if (out_dir / name).exists()]
+    if not present:
+        return
+    try:
+        exported = read_run_info(out_dir)["format"] == EXPORT_FORMAT
+    except ConfigError:
+        exported = False
+    if not exported:
+        raise ConfigError(f"--out {out_dir}: holds {present[0]}, which `ser export` did not write; "
+                          "export into another folder (nothing was changed)")

@@ -11,6 +11,7 @@ import pyarrow as pa
 from cachegen.errors import ManifestError
 
 MAX_LISTED = 10
+MAX_LABEL = 1e15  # larger labels are an error in the table, and their squares lose all precision
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,16 @@ def load_splits(table: pa.Table, *, source: str, targets: list[str], splits: lis
         blank = [r["id"] for r in used if r[target] is None or math.isnan(r[target])]
         if blank:
             problems.append(f"'{target}' is blank or NaN for {len(blank)} row(s): {_listed(blank)}")
+        # beyond ±MAX_LABEL the standardisation (squares) overflows; 1e400 parses as Inf
+        huge = [f"{r['id']}={r[target]:g}" for r in used if r[target] is not None
+                and not math.isnan(r[target]) and not abs(r[target]) <= MAX_LABEL]
+        if huge:
+            problems.append(f"'{target}' is infinite or beyond ±{MAX_LABEL:g} for {len(huge)} row(s): "
+                            f"{_listed(huge)}")
         if label_range:
             low, high = label_range
             outside = [f"{r['id']}={r[target]:g}" for r in used if r[target] is not None
-                       and not math.isnan(r[target]) and not low <= r[target] <= high]
+                       and abs(r[target]) <= MAX_LABEL and not low <= r[target] <= high]
             if outside:
                 problems.append(f"'{target}' outside [{low:g}, {high:g}] for {len(outside)} row(s): "
                                 f"{_listed(outside)}")
@@ -99,19 +106,33 @@ def load_splits(table: pa.Table, *, source: str, targets: list[str], splits: lis
             for name in splits}
 
 
+def drop_unusable(table: pa.Table, source) -> pa.Table:
+    """Leave out audio files training cannot use (unreadable header, shorter than the
+    model's receptive field), with a warning naming each, as a build skips them."""
+    unusable = getattr(source, "unusable", {})
+    return _drop(table, unusable, lambda ids: "leaving out %d audio file(s) that cannot be used: %s" % (
+        len(ids), "; ".join(unusable[uid] for uid in ids[:MAX_LISTED]) +
+        (f" and {len(ids) - MAX_LISTED} more" if len(ids) > MAX_LISTED else "")))
+
+
 def drop_failed(table: pa.Table, meta: dict) -> pa.Table:
     """Leave out the utterances the cache build could not use (recorded in the store), with a
     warning naming them: they have no states, and the build already reported why."""
+    failed = sorted({f["id"] for f in meta.get("failures", [])})
+    return _drop(table, failed, lambda ids: "leaving out %d utterance(s) the cache build could not "
+                 "use: %s" % (len(failed), _listed(failed)))
+
+
+def _drop(table: pa.Table, ids, message) -> pa.Table:
+    """`table` without the rows whose id is in `ids`, warning `message(dropped ids)` if any."""
     import logging
 
     import pyarrow.compute as pc
 
-    failed = sorted({f["id"] for f in meta.get("failures", [])})
-    if not failed or "id" not in table.column_names:
+    if not ids or "id" not in table.column_names:
         return table
-    present = pc.is_in(table.column("id"), value_set=pa.array(failed))
+    present = pc.is_in(table.column("id"), value_set=pa.array(sorted(ids)))
     if not pc.any(present).as_py():
         return table
-    logging.getLogger(__name__).warning(
-        "leaving out %d utterance(s) the cache build could not use: %s", len(failed), _listed(failed))
+    logging.getLogger(__name__).warning(message(table.filter(present).column("id").to_pylist()))
     return table.filter(pc.invert(present))

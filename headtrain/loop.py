@@ -22,18 +22,26 @@ class TrainingDiverged(SerError):
 def fit(*, model, optimizer, scheduler, accelerator, loss_fn: Callable, epochs: int, clip: float,
         train_batches: Callable[[int], Iterable], evaluate: Callable[[], dict],
         on_epoch: Callable[[dict, bool], None], early_stop: int | None = None,
-        start_epoch: int = 0, best: float = -math.inf, progress: bool = True,
+        start_epoch: int = 0, best: float = -math.inf, stale: int = 0, progress: bool = True,
         steps_per_epoch: int | None = None) -> list[dict]:
     """prepare'd model/optimizer/scheduler -> for epoch: for batch: forward, backward, clip,
     step -> evaluate dev -> on_epoch(record, improved). Returns the per-epoch records.
+
+    Each record carries `epochs_without_gain`, the early-stopping count: a resumed run passes
+    the last record's as `stale` (with its `best` score) and stops exactly where an
+    uninterrupted one would.
 
     A step whose loss is NaN/Inf is skipped (no update); MAX_BAD_STEPS in a row raise
     TrainingDiverged, so a NaN never reaches a checkpoint.
     """
     from tqdm import tqdm
 
-    history, stale, bad_in_a_row = [], 0, 0
+    history, bad_in_a_row = [], 0
     for epoch in range(start_epoch, epochs):
+        if early_stop and stale >= early_stop:
+            if accelerator.is_main_process:
+                log.info("early stop: dev score did not improve for %d epochs", stale)
+            break
         model.train()
         started, seen, loss_sum, steps, skipped = time.perf_counter(), 0, 0.0, 0, 0
         bar = tqdm(train_batches(epoch), desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
@@ -68,14 +76,16 @@ def fit(*, model, optimizer, scheduler, accelerator, loss_fn: Callable, epochs: 
         seen = int(accelerator.reduce(torch.tensor(seen, device=accelerator.device), "sum"))
         dev = evaluate()
         record = {"epoch": epoch + 1, "train_loss": loss_sum / steps if steps else None,
-                  "dev": dev["metrics"], "dev_mean_ccc": dev["mean_ccc"], "seconds": seconds,
+                  "dev": dev["metrics"], "dev_mean_ccc": dev["mean_ccc"], "dev_score": dev["score"],
+                  "seconds": seconds,
                   "utterances_per_second": seen / seconds if seconds else None,
                   "skipped_steps": skipped, "lr": scheduler.get_last_lr()[0]}
-        improved = math.isfinite(dev["mean_ccc"]) and dev["mean_ccc"] > best
+        improved = math.isfinite(dev["score"]) and dev["score"] > best
         if improved:
-            best, stale = dev["mean_ccc"], 0
+            best, stale = dev["score"], 0
         else:
             stale += 1
+        record["epochs_without_gain"] = stale
         history.append(record)
         on_epoch(record, improved)
         if accelerator.is_main_process:
@@ -84,8 +94,4 @@ def fit(*, model, optimizer, scheduler, accelerator, loss_fn: Callable, epochs: 
                      ", ".join(f"{t} {m['ccc']:.3f}" for t, m in dev["metrics"].items()),
                      dev["mean_ccc"], " *best*" if improved else "", seconds,
                      record["utterances_per_second"] or 0)
-        if early_stop and stale >= early_stop:
-            if accelerator.is_main_process:
-                log.info("early stop: dev CCC did not improve for %d epochs", stale)
-            break
     return history

@@ -4,13 +4,14 @@ from it. Nothing in a run directory is pickled."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cachegen.errors import ConfigError, StoreMismatch, UnsafeInput
+from cachegen.errors import ConfigError, OutputError, StoreMismatch, UnsafeInput
 from cachegen.store import write_atomic
 
 RUN_FORMAT = "ser-run"
@@ -33,6 +34,101 @@ def write_json(data: dict, path: Path) -> None:
     write_atomic(path, json.dumps(data, indent=2, default=str).encode())
 
 
+CHECKPOINT = "checkpoint"
+# Everything `ser train` writes into its run directory; --overwrite removes these and nothing else.
+RUN_FILES = ("config.json", WEIGHTS, "log.jsonl", "metrics.json", "curves.png", CHECKPOINT,
+             f"{CHECKPOINT}.partial", f"{CHECKPOINT}.old")
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether `path` holds a run of `ser train` (its config.json says so)."""
+    config = Path(path) / "config.json"
+    try:
+        info = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("format") == RUN_FORMAT
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a run, export or checkpoint file.
+
+    Raises:
+        ConfigError: unreadable, not JSON (cut short or edited), or not an object.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
+    except ValueError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err}); the file was cut short or edited") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: holds {type(data).__name__}, not a JSON object")
+    return data
+
+
+def check_fields(path: Path, data: dict, fields: dict, *, prefix: str = "") -> None:
+    """Check that `data` (read from `path`) has every field of `fields` ({name: (check, what is
+    expected)}) with a value that passes its check.
+
+    Raises:
+        ConfigError: naming the file and the first missing or wrong field.
+    """
+    for name, (ok, expected) in fields.items():
+        if name not in data:
+            raise ConfigError(f"{path}: field '{prefix}{name}' is missing ({expected} expected); "
+                              "the file was cut short or edited")
+        if not ok(data[name]):
+            shown = json.dumps(data[name])
+            raise ConfigError(f"{path}: field '{prefix}{name}' is {shown[:60]}"
+                              f"{'…' if len(shown) > 60 else ''}, expected {expected}")
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    import math
+
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+@contextmanager
+def writing(path: Path, *, hint: str = ""):
+    """Turn a failure to write `path` (read-only folder, no permission, disk full) into one
+    OutputError naming it. A PNG being drawn is removed, never left cut short; everything else
+    is written atomically (write_atomic) and left whole or not at all."""
+    try:
+        yield
+    except OSError as err:
+        if path.suffix == ".png":  # matplotlib writes in place
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only folder: nothing was written either
+        raise OutputError(f"{path}: cannot be written ({err.strerror or err}); free space or "
+                          f"choose a writable place{hint}") from None
+
+
+def refuse_run_output(path: Path, *, option: str) -> None:
+    """Refuse output of another command (evaluate, export) that would land in a run
+    directory's own files: `path` is a run directory, or one of a run's files or folders.
+
+    Raises:
+        ConfigError: naming the option, the run and where to write instead.
+    """
+    run_dir = path if is_run_dir(path) else path.parent if path.name in RUN_FILES and is_run_dir(path.parent) else None
+    if run_dir is not None:
+        raise ConfigError(f"{option} {path}: would write into the files of the training run in "
+                          f"{run_dir}, which belong to it; write elsewhere (e.g. {run_dir / 'test'})")
+
+
 @dataclass
 class LoadedRun:
     model: torch.nn.Module  # EmotionModel, eval mode
@@ -46,20 +142,117 @@ class LoadedRun:
         return standardised * self.std + self.mean
 
 
+def _is_targets(value) -> bool:
+    return (isinstance(value, list) and bool(value) and all(isinstance(t, str) and t for t in value)
+            and len(set(value)) == len(value))
+
+
+def _numbers(value) -> bool:
+    return isinstance(value, list) and all(map(is_number, value))
+
+
+# What rebuilding a model from a run's config.json (or an export's ser_head.json) reads: each
+# field is checked, so a hand-edited or cut file is refused, never silently predicting otherwise.
+INFO_FIELDS = {
+    "targets": (_is_targets, "a non-empty list of distinct target names"),
+    "label_mean": (_numbers, "a list of finite numbers, one per target"),
+    "label_std": (lambda v: _numbers(v) and all(x > 0 for x in v), "a list of positive numbers, one per target"),
+    "top_layers": (lambda v: is_int(v) and v >= 1, "an integer of at least 1"),
+}
+RUN_INFO_FIELDS = {
+    **INFO_FIELDS,
+    "strategy": (lambda v: v in ("cached", "partial", "full", "lora"), "cached, partial, full or lora"),
+    "model_id": (lambda v: isinstance(v, str) and bool(v), "the base model's hub id or folder"),
+    "model_sha256": (is_sha256, "a sha256 hex digest"),
+    "cache_layer": (lambda v: is_int(v) and v >= 0, "an integer of 0 or more"),
+    "lora_rank": (lambda v: is_int(v) and v >= 1, "an integer of at least 1"),
+    "lora_alpha": (lambda v: is_int(v) and v >= 1, "an integer of at least 1"),
+}
+
+
 def read_run_info(run_dir: str | Path) -> dict:
+    """config.json of a run, or ser_head.json of an export, checked field by field.
+
+    Raises:
+        ConfigError: neither is there, the format version is not this ser's, or a field is
+            missing, of the wrong type or of the wrong length (naming the file and field).
+    """
     run_dir = Path(run_dir)
-    for name, kind in (("config.json", RUN_FORMAT), ("ser_head.json", EXPORT_FORMAT)):
+    for name, kind, fields in (("config.json", RUN_FORMAT, RUN_INFO_FIELDS),
+                               ("ser_head.json", EXPORT_FORMAT, INFO_FIELDS)):
         path = run_dir / name
-        if path.is_file():
-            info = json.loads(path.read_text())
-            if info.get("format") != kind:
-                continue
-            if info.get("format_version") != RUN_FORMAT_VERSION:
-                raise ConfigError(f"{run_dir}: run format version {info.get('format_version')} is "
-                                  f"not supported (this ser reads {RUN_FORMAT_VERSION})")
-            return info
+        if not path.is_file():
+            continue
+        info = read_json(path)
+        if info.get("format") != kind:
+            continue
+        if info.get("format_version") != RUN_FORMAT_VERSION:
+            raise ConfigError(f"{path}: run format version {info.get('format_version')} is "
+                              f"not supported (this ser reads {RUN_FORMAT_VERSION})")
+        check_fields(path, info, fields)
+        for field_name in ("label_mean", "label_std"):
+            if len(info[field_name]) != len(info["targets"]):
+                raise ConfigError(f"{path}: field '{field_name}' has {len(info[field_name])} values for "
+                                  f"{len(info['targets'])} targets; the file was edited or cut")
+        return info
     raise ConfigError(f"{run_dir}: not a ser run or export directory (no config.json from `ser train` "
                       "or ser_head.json from `ser export`)")
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; anything else (a pickle, a cut file) is refused unread.
+
+    Raises:
+        UnsafeInput: `path` is not a whole safetensors file.
+    """
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as err:  # a pickle or anything else in its place is never unpickled
+        raise UnsafeInput(f"{path}: not a safetensors file ({str(err).splitlines()[0]}); "
+                          "ser loads checkpoints only as safetensors + JSON") from None
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse `path` unless it is a whole safetensors file (reads its header only).
+
+    Raises:
+        UnsafeInput: missing, a pickle, or anything else.
+    """
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise UnsafeInput(f"{path}: missing; an export holds its weights only as model.safetensors")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as err:  # never handed on to a loader that might unpickle it
+        raise UnsafeInput(f"{path}: not a safetensors file ({str(err).splitlines()[0]}); "
+                          "ser loads weights only as safetensors") from None
+
+
+def load_tensors_into(module, tensors: dict[str, torch.Tensor], path: Path, *, load) -> None:
+    """`load(tensors)` after checking they are exactly the tensors `module` expects (names
+    and shapes): a missing tensor would otherwise keep its initial value silently.
+
+    Raises:
+        ConfigError: naming the file and the first tensor that is missing, unknown or of
+            another shape (the file does not belong to this config).
+    """
+    expected = {name: tuple(t.shape) for name, t in module.items()}
+    for name in sorted(expected):
+        if name not in tensors:
+            raise ConfigError(f"{path}: tensor '{name}' is missing; the file does not belong to "
+                              "this run's config.json (edited, cut or from another run)")
+    for name, tensor in tensors.items():
+        if name not in expected:
+            raise ConfigError(f"{path}: tensor '{name}' is not part of this run's model; the file does "
+                              "not belong to its config.json")
+        if tuple(tensor.shape) != expected[name]:
+            raise ConfigError(f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, the model "
+                              f"expects {expected[name]}; the file does not belong to its config.json")
+    load(tensors)
 
 
 def load_run(run_dir: str | Path, *, from_audio: bool, cache_layer: int | None = None,
@@ -73,8 +266,6 @@ def load_run(run_dir: str | Path, *, from_audio: bool, cache_layer: int | None =
     Raises:
         StoreMismatch: the base checkpoint's weights are not the ones the run trained on.
     """
-    from safetensors.torch import load_file
-
     from cachegen.model import load_model
 
     from .upper import EmotionModel
@@ -87,6 +278,8 @@ def load_run(run_dir: str | Path, *, from_audio: bool, cache_layer: int | None =
         raise UnsafeInput(f"{weights}: only safetensors are loaded")
     if not weights.is_file():
         raise ConfigError(f"{run_dir}: {weights.name} is missing (training never finished an epoch?)")
+    if exported:  # the whole network's weights: only a safetensors file, checked before transformers reads it
+        check_safetensors(run_dir / WEIGHTS)
     loaded = load_model(str(run_dir) if exported else (model or info["model_id"]))
     if not exported and loaded.weights_sha256 != info["model_sha256"]:
         raise StoreMismatch(f"{run_dir}: trained on weights sha256 {info['model_sha256'][:12]}…, but "
@@ -107,23 +300,16 @@ def load_run(run_dir: str | Path, *, from_audio: bool, cache_layer: int | None =
                            top_layers=info["top_layers"], targets=len(info["targets"]), dropout=0.0,
                            from_audio=from_audio, lora_rank=info.get("lora_rank", 8),
                            lora_alpha=info.get("lora_alpha", 16))
-    try:
-        tensors = load_file(str(weights))
-    except Exception as err:  # a pickle or anything else in its place is never unpickled
-        raise UnsafeInput(f"{weights}: not a safetensors file ({str(err).splitlines()[0]}); "
-                          "ser loads checkpoints only as safetensors + JSON") from None
+    tensors = load_safetensors(weights)
     if exported:
-        emotion.head.load_state_dict(tensors)
+        load_tensors_into(emotion.head.state_dict(), tensors, weights, load=emotion.head.load_state_dict)
     else:
-        emotion.load_trained_state(tensors)
+        load_tensors_into(emotion.trained_state(), tensors, weights, load=emotion.load_trained_state)
     emotion.eval()
     return LoadedRun(model=emotion, info=info, feature_extractor=loaded.feature_extractor,
                      targets=info["targets"], mean=np.array(info["label_mean"]),
                      std=np.array(info["label_std"]))
 
-
-
-CHECKPOINT = "checkpoint"
 
 
 def save_checkpoint(run_dir: Path, *, model, optimizer, scheduler, state: dict) -> None:
@@ -157,28 +343,75 @@ def save_checkpoint(run_dir: Path, *, model, optimizer, scheduler, state: dict) 
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _history(value) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(r, dict) and r.get("epoch") == i + 1 and isinstance(r.get("dev"), dict)
+        and (r.get("dev_mean_ccc") is None or is_number(r["dev_mean_ccc"])) for i, r in enumerate(value))
+
+
+STATE_FIELDS = {
+    "epoch": (lambda v: is_int(v) and v >= 1, "an integer of at least 1 (epochs done)"),
+    "history": (_history, "a list of epoch records 1, 2, ... with their dev metrics"),
+    "best": (lambda v: isinstance(v, dict) and is_int(v.get("epoch")) and v["epoch"] >= 0
+             and (v.get("mean") is None or is_number(v["mean"])) and (v.get("dev") is None or isinstance(v["dev"], dict)),
+             "an object with epoch, dev and mean"),
+    "optimizer_param_groups": (lambda v: isinstance(v, list) and all(isinstance(g, dict) for g in v),
+                               "a list of parameter groups"),
+    "scheduler": (lambda v: isinstance(v, dict) and is_int(v.get("last_epoch")), "an object with last_epoch"),
+}
+
+
 def load_checkpoint(run_dir: Path, *, model, optimizer, scheduler) -> dict:
-    """Restore what save_checkpoint wrote; returns its JSON state (epoch, best, history)."""
-    import json
+    """Restore what save_checkpoint wrote; returns its JSON state (epoch, best, history).
 
-    from safetensors.torch import load_file
-
+    Raises:
+        ConfigError: no checkpoint, or state.json / state.safetensors edited or cut (naming the
+            file and the field or tensor).
+        UnsafeInput: state.safetensors is not a safetensors file (never unpickled).
+    """
     folder = run_dir / CHECKPOINT
     if not (folder / "state.json").is_file() and (run_dir / f"{CHECKPOINT}.old" / "state.json").is_file():
         folder = run_dir / f"{CHECKPOINT}.old"  # killed while swapping: the previous one is whole
     if not (folder / "state.json").is_file():
         raise ConfigError(f"{run_dir}: no checkpoint to resume from (none is written before the "
                           "first epoch ends); start the run again without --resume")
-    state = json.loads((folder / "state.json").read_text())
-    tensors = load_file(str(folder / "state.safetensors"))
-    model.load_trained_state({n[len("model."):]: t for n, t in tensors.items() if n.startswith("model.")})
+    state_path, tensors_path = folder / "state.json", folder / "state.safetensors"
+    state = read_json(state_path)
+    check_fields(state_path, state, STATE_FIELDS)
+    if len(state["history"]) != state["epoch"] or state["best"]["epoch"] > state["epoch"]:
+        raise ConfigError(f"{state_path}: field 'history' holds {len(state['history'])} epochs, "
+                          f"'epoch' says {state['epoch']} (best {state['best']['epoch']}); the file "
+                          "was edited or cut")
+    groups = state["optimizer_param_groups"]
+    if len(groups) != len(optimizer.param_groups) or any(
+            not isinstance(g.get("params"), list) or len(g["params"]) != len(own["params"])
+            for g, own in zip(groups, optimizer.param_groups)):
+        raise ConfigError(f"{state_path}: field 'optimizer_param_groups' does not match this run's "
+                          "model (other groups or parameter counts); the file was edited or cut")
+    tensors = load_safetensors(tensors_path)
+    if "rng.torch" not in tensors or tensors["rng.torch"].dtype != torch.uint8:
+        raise ConfigError(f"{tensors_path}: tensor 'rng.torch' is missing or not bytes; the file was "
+                          "edited or cut")
+    load_tensors_into(model.trained_state(), {n[len("model."):]: t for n, t in tensors.items()
+                                              if n.startswith("model.")},
+                      tensors_path, load=model.load_trained_state)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     moments: dict[int, dict] = {}
     for name, tensor in tensors.items():
-        if name.startswith("optimizer."):
-            _, index, key = name.split(".", 2)
-            moments.setdefault(int(index), {})[key] = tensor
-    optimizer.load_state_dict({"state": moments, "param_groups": state["optimizer_param_groups"]})
-    scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+        if not name.startswith("optimizer."):
+            continue
+        _, index, key = (name.split(".", 2) + ["", ""])[:3]
+        shape = () if key == "step" else tuple(params[int(index)].shape) if index.isdigit() and int(index) < len(params) else None
+        if shape is None or key not in ("exp_avg", "exp_avg_sq", "step") or tuple(tensor.shape) != shape:
+            raise ConfigError(f"{tensors_path}: tensor '{name}' does not fit this run's optimizer "
+                              "(index, name or shape); the file was edited or cut")
+        moments.setdefault(int(index), {})[key] = tensor
+    try:
+        optimizer.load_state_dict({"state": moments, "param_groups": groups})
+        scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{state_path}: the optimizer or scheduler state cannot be restored "
+                          f"({err}); the file was edited or cut") from None
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])

@@ -12,7 +12,8 @@ import torch
 
 from cachegen.errors import ConfigError, StoreMismatch
 
-from .labels import Split, drop_failed, load_splits, read_labels
+from .data import Batching
+from .labels import Split, drop_failed, drop_unusable, load_splits, read_labels
 from .upper import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,18 @@ class TrainConfig:
     batch_size: int = 16
     max_frames: int | None = None
     early_stop: int | None = None
+    batching: str = "random"  # a Batching value: random, or length (less padding, worse CCC)
+    select: str = "mean"  # best epoch by mean dev CCC over the targets, or by one target's CCC
     amp: str | None = None  # default: bf16 on GPUs that support it, fp16 on older GPUs, no on CPU
     device: str | None = None
     lora_rank: int = 8
     lora_alpha: int = 16
     workers: int = 2
+    preload: bool | None = None  # keep the store's states in memory; None: when they fit data.PRELOAD_BUDGET
     cache_dir: str | None = None
     audio_root: str | None = None
     resume: bool = False  # continue the run in `out` from its last epoch checkpoint
+    overwrite: bool = False  # replace the run in `out` (only the files a run writes)
     progress: bool = True
 
     @property
@@ -85,6 +90,12 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.batching not in {b.value for b in Batching}:
+            raise ConfigError(f"--batching {self.batching!r}: choose one of "
+                              f"{', '.join(b.value for b in Batching)}")
+        if self.select != "mean" and self.select not in self.targets:
+            raise ConfigError(f"--select {self.select!r}: choose 'mean' or one of the targets "
+                              f"({', '.join(self.targets)})")
         if self.loss not in ("ccc", "mse"):
             raise ConfigError(f"--loss {self.loss!r}: choose ccc or mse")
         if self.amp is not None and self.amp not in AMP_CHOICES:
@@ -95,19 +106,34 @@ class TrainConfig:
             raise ConfigError(f"--dropout {self.dropout}: must be in [0, 1)")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"--warmup {self.warmup}: a fraction of the steps, in [0, 1)")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues a run, --overwrite replaces it: pass one of them")
         if self.train_split == self.dev_split:
             raise ConfigError(f"--train-split and --dev-split are both '{self.train_split}'")
         if self.label_range and self.label_range[0] >= self.label_range[1]:
             raise ConfigError(f"--label-range {self.label_range}: LOW must be below HIGH")
+        for name in ("lr", "head_lr", "weight_decay", "clip"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {value}: must be a finite number, 0 or more")
+        for name in ("lora_rank", "lora_alpha"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.early_stop is not None and self.early_stop < 1:
+            raise ConfigError(f"--early-stop {self.early_stop}: must be at least 1 (epochs without a gain)")
+        if self.workers < 0:
+            raise ConfigError(f"--workers {self.workers}: must be 0 or more")
+        if self.label_range and not all(map(math.isfinite, self.label_range)):
+            raise ConfigError(f"--label-range {self.label_range}: LOW and HIGH must be finite numbers")
         device = self.resolved_device
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
         if self.resolved_amp == "fp16" and not device.startswith("cuda"):
             raise ConfigError("--amp fp16 needs a CUDA GPU; on CPU use --amp bf16 or --amp no")
 
     @property
     def resolved_device(self) -> str:
-        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        from .device import resolve_device
+
+        return resolve_device(self.device)
 
     @property
     def resolved_amp(self) -> str:
@@ -116,6 +142,38 @@ class TrainConfig:
         if self.resolved_device.startswith("cuda"):
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "no"
+
+
+def _option_types() -> dict:
+    """{field: (check, what is expected)} for every TrainConfig field, from its annotation: how
+    a run's saved config.json is checked before a resume trusts it."""
+    from dataclasses import fields
+
+    from .run import is_int, is_number
+
+    def optional(check):
+        return lambda v: v is None or check(v)
+
+    by_annotation = {
+        "str": (lambda v: isinstance(v, str), "a string"),
+        "int": (is_int, "an integer"),
+        "float": (is_number, "a finite number"),
+        "bool": (lambda v: isinstance(v, bool), "true or false"),
+        "tuple[str, ...]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                            "a list of strings"),
+        "tuple[float, float]": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(is_number, v)),
+                                "[LOW, HIGH]"),
+    }
+    types = {}
+    for f in fields(TrainConfig):
+        annotation = str(f.type)
+        base = annotation.removesuffix(" | None")
+        check, expected = by_annotation.get(base, (lambda v: True, "a value"))  # newer kinds: validate() checks
+        types[f.name] = (optional(check), f"{expected} or null") if base != annotation else (check, expected)
+    return types
+
+
+OPTION_TYPES = _option_types()
 
 
 @dataclass
@@ -149,7 +207,7 @@ def open_sources(config: TrainConfig):
         loaded = load_model(config.model or meta["model_id"])
         check_store_matches(reader.location, meta, loaded)
         table, table_name = reader.table, f"{config.from_cache} (manifest table)"
-        source, cache_layer = CacheSource(reader), meta["layers"]
+        source, cache_layer = CacheSource(reader, preload=config.preload), meta["layers"]
     else:
         manifest = load_manifest(config.manifest, audio_root=config.audio_root)
         loaded = load_model(config.model or DEFAULT_MODEL)
@@ -158,8 +216,7 @@ def open_sources(config: TrainConfig):
         source, cache_layer, meta = AudioSource(paths, loaded.model, loaded.feature_extractor), 0, None
     if config.labels:
         table, table_name = read_labels(config.labels), config.labels
-    if meta is not None:
-        table = drop_failed(table, meta)
+    table = drop_failed(table, meta) if meta is not None else drop_unusable(table, source)
     return source, table, table_name, loaded, cache_layer, meta
 
 
@@ -182,8 +239,9 @@ def check_store_matches(location: str, meta: dict, loaded) -> None:
 
 
 # Options that may differ when resuming: they change where and how fast, not what is computed.
-RESUMABLE_CHANGES = {"progress", "workers", "device", "cache_dir", "resume", "out", "from_cache",
-                     "manifest", "model", "audio_root", "labels"}
+# Where the store, model and labels are may change; what they hold may not (checked by hash).
+RESUMABLE_CHANGES = {"progress", "workers", "preload", "device", "cache_dir", "resume", "overwrite", "out",
+                     "from_cache", "manifest", "model", "audio_root", "labels"}
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -202,6 +260,9 @@ def train(config: TrainConfig) -> TrainResult:
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
 
+    from cachegen.store import write_atomic
+    from cachegen.build import library_versions
+
     from .data import iterate_batches, plan_batches
     from .evaluate import predict_split
     from .loop import fit
@@ -209,13 +270,13 @@ def train(config: TrainConfig) -> TrainResult:
     from .parallel import global_loss, local_plan
     from .plots import plot_curves
     from .run import (RUN_FORMAT, RUN_FORMAT_VERSION, WEIGHTS, load_checkpoint, save_checkpoint,
-                      save_tensors, write_json)
+                      save_tensors, write_json, writing)
     from .upper import EmotionModel, count_parameters
 
     config.validate()
     run_dir = Path(config.out)
-    if config.resume:
-        check_resumable(config, run_dir)
+    saved_info = check_resumable(config, run_dir) if config.resume else None
+    replaced = run_files_in_the_way(run_dir, resume=config.resume, overwrite=config.overwrite)
     accelerator = Accelerator(mixed_precision=config.resolved_amp, cpu=config.resolved_device == "cpu")
     strategy = config.resolved_strategy
     source, table, table_name, loaded, cache_layer, store_meta = open_sources(config)
@@ -224,7 +285,7 @@ def train(config: TrainConfig) -> TrainResult:
         raise ConfigError(f"--top-layers {config.top_layers} is larger than the {layers - cache_layer} "
                           f"layers above the cache (layer {cache_layer} of {layers}); use at most "
                           f"{layers - cache_layer}, or a store built with fewer --layers")
-    available = set(source.reader.ids) if source.kind == "states" else set(source.paths)
+    available = set(source.reader.ids) if source.kind == "states" else set(source.paths) - set(source.unusable)
     splits = load_splits(table, source=table_name, targets=list(config.targets),
                          splits=[config.train_split, config.dev_split], available=available,
                          label_range=config.label_range)
@@ -250,7 +311,8 @@ def train(config: TrainConfig) -> TrainResult:
     global_batch = config.batch_size * processes
 
     def epoch_plan(epoch: int) -> list[list[int]]:
-        plan = plan_batches(train_lengths, batch_size=global_batch, seed=config.seed, epoch=epoch)
+        plan = plan_batches(train_lengths, batch_size=global_batch, seed=config.seed, epoch=epoch,
+                            batching=config.batching)
         return local_plan(plan, process, processes)
 
     steps_per_epoch = len(epoch_plan(0))
@@ -265,14 +327,16 @@ def train(config: TrainConfig) -> TrainResult:
     def train_batches(epoch: int):
         for batch in iterate_batches(source, train_split.ids, train_targets, epoch_plan(epoch),
                                      seed=config.seed, epoch=epoch, max_frames=config.max_frames,
-                                     workers=config.workers):
+                                     workers=config.workers, pin=device.type == "cuda"):
             yield batch.to(device)
 
     def evaluate() -> dict:
         pred = predict_split(model, source, dev_split.ids, batch_size=config.batch_size,
                              device=device, accelerator=accelerator, workers=config.workers)
         metrics = target_metrics(pred * std + mean, dev_split.targets, list(config.targets))
-        return {"metrics": metrics, "mean_ccc": mean_ccc(metrics)}
+        average = mean_ccc(metrics)
+        return {"metrics": metrics, "mean_ccc": average,
+                "score": average if config.select == "mean" else metrics[config.select]["ccc"]}
 
     info = {
         "format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "strategy": strategy,
@@ -284,46 +348,57 @@ def train(config: TrainConfig) -> TrainResult:
         "trainable_parameters": trainable, "total_parameters": total,
         "store": None if store_meta is None else {
             "location": config.from_cache, "layers": store_meta["layers"], "dtype": store_meta["dtype"],
-            "model_sha256": store_meta["model_sha256"], "format_version": store_meta["format_version"]},
+            "model_sha256": store_meta["model_sha256"], "format_version": store_meta["format_version"],
+            "states_sha256": states_fingerprint(source.reader, train_split.ids + dev_split.ids)},
+        "labels_sha256": labels_fingerprint(train_split, dev_split),
         "config": asdict(config), "amp": config.resolved_amp, "device": str(device),
         "processes": processes, "global_batch_size": global_batch,
+        "versions": library_versions(),
         "train_utterances": len(train_split.ids), "dev_utterances": len(dev_split.ids),
     }
     log_path = run_dir / "log.jsonl"
     best = {"epoch": 0, "dev": None, "mean": -math.inf}
     history: list[dict] = []
     start_epoch = 0
-    if config.resume:
+    if saved_info is not None:
+        check_same_data(run_dir, saved_info, info)
         state = load_checkpoint(run_dir, model=accelerator.unwrap_model(model), optimizer=optimizer,
                                 scheduler=scheduler)
         start_epoch, history, best = state["epoch"], state["history"], state["best"]
         best["mean"] = best["mean"] if best["mean"] is not None else -math.inf
         if accelerator.is_main_process:
             log.info("resuming %s after epoch %d of %d", run_dir, start_epoch, config.epochs)
+    resume_hint = f"; then `ser train --resume {run_dir}` continues from the last epoch"
+
+    def write_log() -> None:
+        write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in history).encode())
+
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # a resumed run forgets epochs logged after its checkpoint: they are trained again
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
-        if not config.resume:
-            write_json({**info, "best_epoch": None, "best_dev": None}, run_dir / "config.json")
+        with writing(run_dir):
+            remove_run_files(run_dir, replaced)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_log()  # a resumed run forgets epochs logged after its checkpoint: they are trained again
+            if not config.resume:
+                write_json({**info, "best_epoch": None, "best_dev": None}, run_dir / "config.json")
     accelerator.wait_for_everyone()
 
     def on_epoch(record: dict, improved: bool) -> None:
         history.append(record)
         if improved:
-            best.update(epoch=record["epoch"], dev=record["dev"], mean=record["dev_mean_ccc"])
+            best.update(epoch=record["epoch"], dev=record["dev"], mean=record["dev_score"])
         if accelerator.is_main_process:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
             unwrapped = accelerator.unwrap_model(model)
-            if improved:
-                save_tensors(unwrapped.trained_state(), run_dir / WEIGHTS)
-                write_json({**info, "best_epoch": best["epoch"], "best_dev": best["dev"]},
-                           run_dir / "config.json")
-            save_checkpoint(run_dir, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
-                            state={"epoch": record["epoch"], "history": history,
-                                   "best": {**best, "mean": best["mean"] if math.isfinite(best["mean"]) else None}})
-            plot_curves(history, str(run_dir / "curves.png"))
+            with writing(run_dir, hint=resume_hint):
+                if improved:
+                    save_tensors(unwrapped.trained_state(), run_dir / WEIGHTS)
+                    write_json({**info, "best_epoch": best["epoch"], "best_dev": best["dev"]},
+                               run_dir / "config.json")
+                save_checkpoint(run_dir, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
+                                state={"epoch": record["epoch"], "history": history,
+                                       "best": {**best, "mean": best["mean"] if math.isfinite(best["mean"]) else None}})
+                write_log()
+            with writing(run_dir / "curves.png", hint=resume_hint):
+                plot_curves(history, str(run_dir / "curves.png"))
         accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
@@ -335,30 +410,149 @@ def train(config: TrainConfig) -> TrainResult:
         loss_fn=global_loss(LOSSES[config.loss], accelerator), epochs=config.epochs, clip=config.clip,
         train_batches=train_batches, evaluate=evaluate, on_epoch=on_epoch,
         early_stop=config.early_stop, progress=config.progress, steps_per_epoch=steps_per_epoch,
-        start_epoch=start_epoch, best=best["mean"])
+        start_epoch=start_epoch, best=best["mean"],
+        stale=history[-1].get("epochs_without_gain", 0) if history else 0)
     if accelerator.is_main_process:
-        if best["epoch"] == 0:  # dev CCC was never finite: keep the last weights, flagged
-            save_tensors(accelerator.unwrap_model(model).trained_state(), run_dir / WEIGHTS)
-            write_json({**info, "best_epoch": len(history), "best_dev": history[-1]["dev"]},
-                       run_dir / "config.json")
-        write_json({"best_epoch": best["epoch"], "dev": best["dev"]}, run_dir / "metrics.json")
+        with writing(run_dir, hint=resume_hint):
+            if best["epoch"] == 0:  # dev CCC was never finite: keep the last weights, flagged
+                save_tensors(accelerator.unwrap_model(model).trained_state(), run_dir / WEIGHTS)
+                write_json({**info, "best_epoch": len(history), "best_dev": history[-1]["dev"]},
+                           run_dir / "config.json")
+            # metrics.json last: a run directory without it is a training that did not finish
+            write_json({"best_epoch": best["epoch"], "dev": best["dev"]}, run_dir / "metrics.json")
     accelerator.wait_for_everyone()
     return TrainResult(run_dir=str(run_dir), best_epoch=best["epoch"], best_dev=best["dev"],
                        history=history, trainable_parameters=trainable, total_parameters=total)
 
 
-def check_resumable(config: TrainConfig, run_dir: Path) -> None:
-    """A resumed run must compute what the interrupted one would have: same training options."""
-    import json
+def saved_options(run_dir: Path) -> tuple[dict, dict]:
+    """(config.json of the run in `run_dir`, its training options checked field by field).
+
+    Raises:
+        ConfigError: not a run directory, or config.json was edited or cut (naming the field).
+    """
+    from .run import RUN_FORMAT, check_fields, read_run_info
 
     path = run_dir / "config.json"
     if not path.is_file():
         raise ConfigError(f"--resume {run_dir}: no config.json there; is it a run directory?")
-    saved = json.loads(path.read_text()).get("config", {})
-    current = asdict(config)
-    for name, value in current.items():
-        old = saved.get(name)
-        if name in RESUMABLE_CHANGES or old == value or (isinstance(value, tuple) and list(value) == old):
+    info = read_run_info(run_dir)
+    if info["format"] != RUN_FORMAT:
+        raise ConfigError(f"--resume {run_dir}: an export of a run, not a run; it cannot be resumed")
+    check_fields(path, info, {
+        "config": (lambda v: isinstance(v, dict), "an object of options"),
+        "store": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+        "labels_sha256": (lambda v: isinstance(v, str), "a sha256 hex digest")})
+    saved = dict(info["config"])
+    check_fields(path, saved, OPTION_TYPES, prefix="config.")
+    unknown = sorted(set(saved) - set(OPTION_TYPES))
+    if unknown:
+        raise ConfigError(f"{path}: field 'config.{unknown[0]}' is not an option of this ser's "
+                          "`ser train`; the run comes from another version, or the file was edited")
+    for name in ("targets", "label_range"):
+        saved[name] = None if saved[name] is None else tuple(saved[name])
+    return info, saved
+
+
+def resume_config(run_dir: str | Path, **given) -> TrainConfig:
+    """The options of the run in `run_dir` (its config.json), with `given` options on top.
+
+    Options that change what is computed must agree with the saved ones; the store, model,
+    labels and audio locations (and progress, workers, device, cache dir) may change.
+
+    Raises:
+        ConfigError: naming the first option that differs, or a damaged config.json.
+    """
+    run_dir = Path(run_dir)
+    _, saved = saved_options(run_dir)
+    config = TrainConfig(**{**saved, "overwrite": False, **given, "out": str(run_dir), "resume": True})
+    check_resumable(config, run_dir)
+    return config
+
+
+def check_resumable(config: TrainConfig, run_dir: Path) -> dict:
+    """A resumed run must compute what the interrupted one would have: same training options.
+    Returns the run's config.json."""
+    info, saved = saved_options(run_dir)
+    for name, value in asdict(config).items():
+        if name in RESUMABLE_CHANGES or saved[name] == value:
             continue
-        raise ConfigError(f"--resume {run_dir}: the run used --{name.replace('_', '-')} {old!r}, "
-                          f"this command {value!r}; resume with the same options")
+        raise ConfigError(f"--resume {run_dir}: the run used --{name.replace('_', '-')} "
+                          f"{_shown(saved[name])}, this command {_shown(value)}; drop the option "
+                          "or give the value the run used")
+    return info
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+
+
+def states_fingerprint(reader, ids: list[str]) -> str:
+    """sha256 of what a store holds for `ids` (frames and checksum of each): another store, or
+    a rebuilt one with other states, gives another value."""
+    import hashlib
+
+    columns = reader.index.select(["id", "frames", "crc32"]).to_pydict()
+    rows = {uid: (frames, crc) for uid, frames, crc in zip(columns["id"], columns["frames"], columns["crc32"])}
+    return hashlib.sha256(repr([(uid, *rows[uid]) for uid in ids]).encode()).hexdigest()
+
+
+def labels_fingerprint(*splits: Split) -> str:
+    """sha256 of the ids and target values of `splits`, in order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for split in splits:
+        digest.update(repr((split.name, split.ids)).encode())
+        digest.update(np.ascontiguousarray(split.targets, dtype=np.float64).tobytes())
+    return digest.hexdigest()
+
+
+def check_same_data(run_dir: Path, saved: dict, current: dict) -> None:
+    """A resumed run continues on the same model weights, store states and labels.
+
+    Raises:
+        ConfigError: naming what differs and the option that chooses it.
+    """
+    checks = [("model_sha256", "model weights", "--model"), ("labels_sha256", "labels", "--labels")]
+    saved_store, store = saved.get("store") or {}, current.get("store") or {}
+    differs = [name for name in ("layers", "dtype", "model_sha256", "states_sha256")
+               if name in saved_store and saved_store[name] != store.get(name)]
+    if differs:
+        raise ConfigError(f"--resume {run_dir}: the store differs from the one the run trained on "
+                          f"(field store.{differs[0]}); resume with --from-cache "
+                          f"{saved_store.get('location')} or a copy of it")
+    for field_name, what, option in checks:
+        if field_name in saved and saved[field_name] != current[field_name]:
+            raise ConfigError(f"--resume {run_dir}: the {what} differ from those the run trained on "
+                              f"(field {field_name}); resume with the {option} the run used")
+
+
+def run_files_in_the_way(run_dir: Path, *, resume: bool, overwrite: bool) -> list[str]:
+    """The run files `--overwrite` will remove from `run_dir` (checked before any work).
+
+    Raises:
+        ConfigError: `run_dir` holds a run and neither --resume nor --overwrite was given, or
+            files named like a run's that `ser train` did not write.
+    """
+    from .run import RUN_FILES, is_run_dir
+
+    present = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if resume or not present:
+        return []
+    if not is_run_dir(run_dir):
+        raise ConfigError(f"--out {run_dir}: holds {present[0]}, which `ser train` did not write; "
+                          "train into another folder (nothing was changed)")
+    if not overwrite:
+        raise ConfigError(f"--out {run_dir} already holds a run; pass --resume {run_dir} to continue "
+                          "it, or --overwrite to replace it")
+    return present
+
+
+def remove_run_files(run_dir: Path, names: list[str]) -> None:
+    """Remove a replaced run's own files; anything else in the folder stays."""
+    import shutil
+
+    for name in names:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)

@@ -39,21 +39,26 @@ def free_port() -> int:
 
 
 class StaticServer:
-    """`python -m MODULE PORT --bind 127.0.0.1` serving `root` (loopback only); `stop()` ends it."""
+    """`python -m MODULE PORT --bind 127.0.0.1` serving `root` (loopback only); `stop()` ends it.
+
+    Another server module runs the same way with its own `args` ("{port}" is replaced), e.g.
+    an S3 or GCS emulator: `args` must bind it to 127.0.0.1 too."""
 
     def __init__(self, root: str | Path, *, module: str = "RangeHTTPServer", log: Path | None = None,
-                 lifetime: float = 900.0):
-        self.root, self.module, self.lifetime = Path(root), module, lifetime
+                 lifetime: float = 900.0, args: tuple[str, ...] = ("{port}", "--bind", "127.0.0.1"),
+                 timeout: float = 10.0):
+        self.root, self.module, self.lifetime, self.args = Path(root), module, lifetime, args
         self.log_path = log or self.root.parent / f"{module}-{id(self)}.log"
         self.proc: subprocess.Popen | None = None
-        self.start()
+        self.start(timeout=timeout)
 
     def start(self, *, timeout: float = 10.0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(self.log_path, "ab")
+        args = [arg.format(port=self.port) for arg in self.args]
         self.proc = subprocess.Popen([sys.executable, "-u", "-c", WATCHED, str(self.lifetime), self.module,
-                                      str(self.port), "--bind", "127.0.0.1"], cwd=self.root,
+                                      *args], cwd=self.root,
                                      stdout=self._log, stderr=self._log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -114,3 +114,18 @@ def test_unsupported_model_type_is_refused_in_one_line(corpus, tmp_path):
                                                            num_attention_heads=2, intermediate_size=64))
     result = run_cli("cache", "build", corpus, "--model", model_dir, "--layers", 1, "--out", tmp_path / "s")
     assert result.exit_code == 1 and "of type 'wavlm'; supported: wav2vec2, hubert" in result.stderr
+
+
+def test_int8_store_is_within_its_bound_of_transformers(tiny_model, corpus, tmp_path):
+    """int8 (per-frame scales): every value within max |x| of its frame / 254 of transformers'
+    own float32 hidden_states[L] (plus float32 noise of the batched forward)."""
+    out = tmp_path / "int8.zarr"
+    build_cache(BuildConfig(manifest=corpus, out=str(out), model=tiny_model, layers=2, dtype="int8",
+                            batch_size=4, progress=False))
+    reader = open_cache(out)
+    assert reader.meta["dtype"] == "int8"
+    for uid, expected in reference_states(tiny_model, corpus, 2).items():
+        got = reader[uid]
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        bound = np.abs(expected).max(axis=1, keepdims=True) / 254
+        assert (np.abs(got - expected) <= bound * 1.001 + 1e-5).all(), uid

@@ -208,15 +208,6 @@ def test_cached_copy_never_stands_in_for_a_store_removed_from_the_server(store, 
         open_cache(url, cache_dir=tmp_path)
 
 
-def test_cloud_url_without_its_extra_names_the_extra():
-    try:
-        import s3fs  # noqa: F401
-    except ImportError:
-        one_line_error(run_cli("cache", "info", "s3://bucket/store.zarr"), "pip install 'ser[s3]'")
-    else:
-        pytest.skip("s3fs is installed: this would reach the network")
-
-
 # --- zip ----------------------------------------------------------------------------------------
 
 def test_pack_to_zip_reads_and_verifies_in_place(store, tmp_path):

@@ -104,7 +104,8 @@ def test_predict_on_bare_audio_files(cached_run, corpus, tmp_path):
     assert result.exit_code == 0, result.output
     rows = read_csv(tmp_path / "p.csv")
     assert [r["id"] for r in rows] == ["utt0001", "utt0002"]
-    assert list(rows[0]) == ["id", "split", "activation_pred", "valence_pred", "dominance_pred"]
+    assert list(rows[0]) == ["id", "path", "activation_pred", "valence_pred", "dominance_pred"]
+    assert rows[0]["path"] == f"{folder}/wav/utt0001.wav"
 
 
 def test_export_is_self_contained_and_matches_transformers_alone(cached_run, corpus, tmp_path):

@@ -1,0 +1,56 @@
+"""Training, evaluation and prediction options and labels are checked before any work (issue 11)."""
+
+import pytest
+
+from conftest import run_cli
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "-1e-4"], "--lr -0.0001: must be a finite number, 0 or more"),
+    (["--lr", "nan"], "--lr nan: must be a finite number, 0 or more"),
+    (["--head-lr", "inf"], "--head-lr inf: must be a finite number, 0 or more"),
+    (["--head-lr", "-0.001"], "--head-lr -0.001: must be a finite number, 0 or more"),
+    (["--weight-decay", "-0.1"], "--weight-decay -0.1: must be a finite number, 0 or more"),
+    (["--weight-decay", "nan"], "--weight-decay nan: must be a finite number, 0 or more"),
+    (["--clip", "-1"], "--clip -1.0: must be a finite number, 0 or more"),
+    (["--clip", "nan"], "--clip nan: must be a finite number, 0 or more"),
+    (["--lora-rank", "0"], "--lora-rank 0: must be at least 1"),
+    (["--strategy", "lora", "--lora-alpha", "0"], "--lora-alpha 0: must be at least 1"),
+    (["--device", "foo"], "--device 'foo': not a device; use cpu, cuda or cuda:N"),
+    (["--device", "cuda:0"], "--device cuda:0: CUDA is not available on this machine"),
+    (["--device", "meta"], "--device 'meta': ser runs on cpu, cuda or mps"),
+    (["--early-stop", "0"], "--early-stop 0: must be at least 1"),
+    (["--dropout", "nan"], "--dropout nan: must be in [0, 1)"),
+    (["--warmup", "nan"], "a fraction of the steps, in [0, 1)"),
+    (["--label-range", "1,inf"], "LOW and HIGH must be finite numbers"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+])
+def test_bad_training_options_are_refused_before_any_work(args, message, built_store, tmp_path):
+    result = run_cli("train", "--from-cache", built_store, "--top-layers", 2, "--out", tmp_path / "r", *args)
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_bogus_device_is_refused_by_evaluate_and_predict(command, built_store, corpus, tmp_path):
+    source = ["--from-cache", built_store] if command == "evaluate" else ["--manifest", corpus]
+    out = tmp_path / ("o" if command == "evaluate" else "o.csv")
+    result = run_cli(command, tmp_path, *source, "--device", "foo", "--out", out)
+    assert result.exit_code == 1 and "--device 'foo': not a device" in result.stderr, result.stderr
+
+
+def test_infinite_and_overflowing_labels_are_refused_naming_the_rows(built_store, tmp_path):
+    from cachegen import open_cache
+
+    table = open_cache(built_store).table.to_pydict()
+    bad = {"utt0000": "1e400", "utt0001": "-inf", "utt0002": "3e300"}
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,split,activation\n" + "".join(
+        f"{u},{s},{bad.get(u, '3.5')}\n" for u, s in zip(table["id"], table["split"])))
+    result = run_cli("train", "--from-cache", built_store, "--top-layers", 2, "--targets", "activation",
+                     "--labels", labels, "--out", tmp_path / "r")
+    assert result.exit_code == 1
+    assert "'activation' is infinite or beyond ±1e+15 for 3 row(s): utt0000=inf, utt0001=-inf, " \
+           "utt0002=3e+300" in result.stderr, result.stderr
+    assert not (tmp_path / "r").exists()
