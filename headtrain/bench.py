@@ -140,7 +140,7 @@ def measure(job: dict) -> dict:
     from accelerate import Accelerator
 
     from cachegen import open_cache
-    from cachegen.model import load_model
+    from cachegen.encoder import load_model
 
     from .data import AudioSource, CacheSource, iterate_batches
     from .metrics import ccc_loss
@@ -210,9 +210,8 @@ def bench(config: BenchConfig) -> dict:
 
     from cachegen import open_cache
     from cachegen.build import BuildConfig, build_cache
-    from cachegen.lower import audio_frames
+    from cachegen.encoder import audio_frames, load_model
     from cachegen.manifest import load_manifest
-    from cachegen.model import load_model
 
     from .data import plan_batches
 

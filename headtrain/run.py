@@ -266,7 +266,7 @@ def load_run(run_dir: str | Path, *, from_audio: bool, cache_layer: int | None =
     Raises:
         StoreMismatch: the base checkpoint's weights are not the ones the run trained on.
     """
-    from cachegen.model import load_model
+    from cachegen.encoder import load_model
 
     from .upper import EmotionModel
 

@@ -195,7 +195,7 @@ def standardisation(split: Split) -> tuple[np.ndarray, np.ndarray]:
 def open_sources(config: TrainConfig):
     """(source, labels table and its name, LoadedModel, cache layer, store meta) for a config."""
     from cachegen.manifest import load_manifest
-    from cachegen.model import DEFAULT_MODEL, load_model
+    from cachegen.encoder import DEFAULT_MODEL, load_model
 
     from .data import AudioSource, CacheSource
 
@@ -232,7 +232,7 @@ def check_store_matches(location: str, meta: dict, loaded) -> None:
             f"'{loaded.model_id}' has, though the weights match; pass --model with the checkpoint "
             "folder the store was built from")
     for field_name, value in (("hidden_size", loaded.hidden_size), ("num_hidden_layers", loaded.num_layers),
-                              ("do_stable_layer_norm", bool(loaded.config.do_stable_layer_norm))):
+                              ("do_stable_layer_norm", loaded.stable_layer_norm)):
         if meta[field_name] != value:
             raise StoreMismatch(f"{location}: store has {field_name}={meta[field_name]}, model "
                                 f"'{loaded.model_id}' has {value}")

@@ -19,10 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cachegen.lower import embed, finish, run_layers
+from cachegen.encoder import drop_cached, embed, family_of, finish, run_layers, stable_layer_norm
 
 STRATEGIES = ("cached", "partial", "full", "lora")
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "intermediate_dense", "output_dense"]
 
 
 class Head(nn.Module):
@@ -42,7 +41,8 @@ class Head(nn.Module):
 
 
 class EmotionModel(nn.Module):
-    """`backbone` is a transformers Wav2Vec2Model/HubertModel; this module takes ownership."""
+    """`backbone` is a transformers encoder of a supported family (cachegen.encoder.FAMILIES);
+    this module takes ownership."""
 
     def __init__(self, backbone, *, strategy: str, cache_layer: int, top_layers: int,
                  targets: int, dropout: float, from_audio: bool,
@@ -51,26 +51,24 @@ class EmotionModel(nn.Module):
         config = backbone.config
         layers = config.num_hidden_layers
         self.strategy, self.from_audio = strategy, from_audio
+        self.family = family_of(config)
         self.first_layer = 0 if from_audio else cache_layer  # layers below are not held
         self.trained_from = 0 if strategy == "full" else layers - top_layers
         if not from_audio:  # the cache replaces the encoder and lower layers: drop them
-            backbone.feature_extractor = None
-            backbone.feature_projection = None
-            backbone.encoder.pos_conv_embed = None
-            backbone.encoder.layers = nn.ModuleList(list(backbone.encoder.layers)[cache_layer:])
+            drop_cached(backbone, cache_layer)
         self.backbone = backbone
         for parameter in backbone.parameters():
             parameter.requires_grad = False
         self.set_dropout(dropout)
         for layer in self.trained_layers():
             if strategy == "lora":
-                add_lora(layer, rank=lora_rank, alpha=lora_alpha)
+                add_lora(layer, rank=lora_rank, alpha=lora_alpha, targets=self.family.lora_targets)
             else:
                 layer.requires_grad_(True)
         if strategy == "full":
             backbone.feature_projection.requires_grad_(True)
             backbone.encoder.pos_conv_embed.requires_grad_(True)
-        if config.do_stable_layer_norm or strategy == "full":
+        if stable_layer_norm(config) or strategy == "full":
             backbone.encoder.layer_norm.requires_grad_(strategy != "lora")
         self.head = Head(config.hidden_size, targets, dropout)
 
@@ -84,8 +82,9 @@ class EmotionModel(nn.Module):
             for module in layer.modules():
                 if isinstance(module, nn.Dropout):
                     module.p = p
-            if hasattr(layer.attention, "dropout") and isinstance(layer.attention.dropout, float):
-                layer.attention.dropout = p
+            for path in self.family.float_dropouts:
+                owner, _, name = path.rpartition(".")
+                setattr(layer.get_submodule(owner) if owner else layer, name, p)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -106,7 +105,7 @@ class EmotionModel(nn.Module):
             hidden, mask = embed(model, inputs)
         else:
             hidden = inputs
-        hidden = run_layers(model.config, model.encoder.layers, hidden, mask)  # (B, T, D)
+        hidden = run_layers(model, model.encoder.layers, hidden, mask)  # (B, T, D)
         return self.head(finish(model, hidden), mask)
 
     def trained_state(self) -> dict[str, torch.Tensor]:
@@ -133,13 +132,13 @@ class EmotionModel(nn.Module):
         self.load_state_dict({own[n]: t for n, t in tensors.items()}, strict=False)
 
 
-def add_lora(layer: nn.Module, *, rank: int, alpha: int) -> None:
-    """LoRA adapters (peft) on the attention and feed-forward projections of one layer; the
-    layer's own weights stay frozen."""
+def add_lora(layer: nn.Module, *, rank: int, alpha: int, targets: tuple[str, ...]) -> None:
+    """LoRA adapters (peft) on the `targets` projections of one layer (the family's
+    `lora_targets`); the layer's own weights stay frozen."""
     from peft import LoraConfig, inject_adapter_in_model
 
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                       target_modules=LORA_TARGETS), layer)
+                                       target_modules=list(targets)), layer)
     for name, parameter in layer.named_parameters():
         parameter.requires_grad = "lora_" in name
 
