@@ -18,6 +18,8 @@ import hashlib
 import json
 import logging
 import math
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +65,8 @@ class Family:
 FAMILIES = {family.model_type: family for family in (
     Family("wav2vec2"),
     Family("hubert"),
+    Family("wavlm", lora_targets=("intermediate_dense", "output_dense"), position_bias=True,
+           key_padding_mask=True),
 )}
 SUPPORTED_TYPES = tuple(FAMILIES)
 
@@ -167,6 +171,25 @@ def weights_sha256(model) -> str:
     return digest.hexdigest()
 
 
+@contextmanager
+def quiet_transformers():
+    """Within the block, transformers neither reports unused checkpoint weights (a pretraining
+    head: ser loads only the encoder on purpose) nor shows its loading bars; its settings are
+    restored afterwards, so a program that uses ser keeps its own."""
+    from transformers.utils import logging as hf_logging
+
+    logger = hf_logging.get_logger("transformers")
+    level, bars = logger.level, hf_logging.is_progress_bar_enabled()
+    logger.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(model_id: str = DEFAULT_MODEL) -> LoadedModel:
     """Load an encoder (no task head) and its feature extractor from a hub id or a local folder.
 
@@ -175,7 +198,6 @@ def load_model(model_id: str = DEFAULT_MODEL) -> LoadedModel:
             folder), or its type is not supported.
     """
     from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, Wav2Vec2FeatureExtractor
-    from transformers.utils import logging as hf_logging
 
     if Path(model_id).is_dir():  # runs and stores then find it from any working folder
         model_id = str(Path(model_id).resolve())
@@ -193,17 +215,11 @@ def load_model(model_id: str = DEFAULT_MODEL) -> LoadedModel:
     # cached layers cannot), so that every strategy sees the same inputs.
     config.mask_time_prob = 0.0
     config.mask_feature_prob = 0.0
-    # transformers reports unused checkpoint weights (a pretraining head) as warnings on its own
-    # logger; ser loads only the encoder on purpose. Quietened for this call only.
-    hf_logger = hf_logging.get_logger("transformers")
-    level = hf_logger.level
-    hf_logger.setLevel(logging.ERROR)
     try:
-        model = AutoModel.from_pretrained(model_id, config=config)
+        with quiet_transformers():
+            model = AutoModel.from_pretrained(model_id, config=config)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load weights of '{model_id}': {str(err).splitlines()[0]}") from None
-    finally:
-        hf_logger.setLevel(level)
     model.eval()
     try:
         feature_extractor = AutoFeatureExtractor.from_pretrained(model_id)
@@ -303,9 +319,13 @@ def run_layers(model, layers, hidden: torch.Tensor, mask: torch.Tensor) -> torch
     if len(layers) == 0:
         return hidden
     inputs = layer_inputs(model, hidden, mask)
-    for layer in layers:
-        hidden = layer(hidden, **inputs)
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    with warnings.catch_warnings():
+        # WavLM's attention hands torch a bool padding mask beside its float position bias,
+        # which torch warns about on every call; the two are combined correctly
+        warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
+        for layer in layers:
+            hidden = layer(hidden, **inputs)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
     return hidden
 
 
