@@ -21,7 +21,7 @@ from torch import nn
 
 from cachegen.encoder import drop_cached, embed, family_of, finish, run_layers, stable_layer_norm
 
-STRATEGIES = ("cached", "partial", "full", "lora")
+from .spec import ModelSpec, Strategy
 
 
 class Head(nn.Module):
@@ -44,16 +44,17 @@ class EmotionModel(nn.Module):
     """`backbone` is a transformers encoder of a supported family (cachegen.encoder.FAMILIES);
     this module takes ownership."""
 
-    def __init__(self, backbone, *, strategy: str, cache_layer: int, top_layers: int,
+    def __init__(self, backbone, *, strategy: Strategy | str, cache_layer: int, top_layers: int,
                  targets: int, dropout: float, from_audio: bool,
-                 lora_rank: int = 8, lora_alpha: int = 16):
+                 lora_rank: int = 8, lora_alpha: int = 16, merged: bool = False):
         super().__init__()
         config = backbone.config
         layers = config.num_hidden_layers
+        strategy = Strategy.parse(strategy)
         self.strategy, self.from_audio = strategy, from_audio
         self.family = family_of(config)
         self.first_layer = 0 if from_audio else cache_layer  # layers below are not held
-        self.trained_from = 0 if strategy == "full" else layers - top_layers
+        self.trained_from = 0 if strategy.trains_every_layer else layers - top_layers
         if not from_audio:  # the cache replaces the encoder and lower layers: drop them
             drop_cached(backbone, cache_layer)
         self.backbone = backbone
@@ -61,16 +62,24 @@ class EmotionModel(nn.Module):
             parameter.requires_grad = False
         self.set_dropout(dropout)
         for layer in self.trained_layers():
-            if strategy == "lora":
+            if strategy.adapters and not merged:  # merged: an export, adapters already folded in
                 add_lora(layer, rank=lora_rank, alpha=lora_alpha, targets=self.family.lora_targets)
             else:
                 layer.requires_grad_(True)
-        if strategy == "full":
+        if strategy.trains_every_layer:
             backbone.feature_projection.requires_grad_(True)
             backbone.encoder.pos_conv_embed.requires_grad_(True)
-        if stable_layer_norm(config) or strategy == "full":
-            backbone.encoder.layer_norm.requires_grad_(strategy != "lora")
+        if stable_layer_norm(config) or strategy.trains_every_layer:
+            backbone.encoder.layer_norm.requires_grad_(not strategy.adapters)
         self.head = Head(config.hidden_size, targets, dropout)
+
+    @classmethod
+    def from_spec(cls, backbone, spec: ModelSpec, *, from_audio: bool, cache_layer: int = 0,
+                  dropout: float = 0.0, merged: bool = False) -> "EmotionModel":
+        """The network `spec` describes, fed from audio or from states at `cache_layer`."""
+        return cls(backbone, strategy=spec.strategy, cache_layer=cache_layer, top_layers=spec.top_layers,
+                   targets=len(spec.targets), dropout=dropout, from_audio=from_audio,
+                   lora_rank=spec.lora_rank, lora_alpha=spec.lora_alpha, merged=merged)
 
     def trained_layers(self) -> list[nn.Module]:
         held = list(self.backbone.encoder.layers)
@@ -92,7 +101,7 @@ class EmotionModel(nn.Module):
             self.backbone.eval()
             for layer in self.trained_layers():
                 layer.train()
-            if self.strategy == "full":
+            if self.strategy.trains_every_layer:
                 self.backbone.encoder.train()
                 self.backbone.feature_projection.train()
         return self
