@@ -167,3 +167,21 @@ def test_bench_runs_wavlm(corpus, tmp_path):
     assert list(results) == ["partial", "cached", "lora"]
     assert results["cached"]["trainable_parameters"] == results["partial"]["trainable_parameters"]
     assert all(r["utterances_per_second"] > 0 for r in results.values())
+
+
+def test_stable_layer_norm_hubert_store_equals_transformers(corpus, tmp_path):
+    """HuBERT large's variant (stable layer norm, layer-norm convolutions), batched."""
+    from transformers import HubertModel, Wav2Vec2FeatureExtractor
+
+    model_dir = save_model(tmp_path / "hubert", tiny_family_config("hubert", stable_layer_norm=True))
+    model = HubertModel.from_pretrained(model_dir).eval()
+    fe = Wav2Vec2FeatureExtractor.from_pretrained(model_dir)
+    build_cache(BuildConfig(manifest=corpus, out=str(tmp_path / "h.zarr"), model=str(model_dir), layers=3,
+                            dtype="float32", batch_size=5, progress=False))
+    reader = open_cache(tmp_path / "h.zarr")
+    for u in load_manifest(corpus).utterances:
+        samples, _, _ = load_audio(u.path)
+        with torch.no_grad():
+            values = fe(samples, sampling_rate=16000, return_tensors="pt").input_values
+            expected = model(values, output_hidden_states=True).hidden_states[3][0].numpy()
+        assert max_relative_error(reader[u.id], expected) < 1e-4, u.id
