@@ -83,7 +83,7 @@ def cache() -> None:
               help="Hub id or local folder of a Wav2Vec2, HuBERT or WavLM model.")
 @click.option("--layers", default=9, show_default=True, help="Lower transformer layers to cache.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32", "int8"]), default="float16",
               show_default=True, help="Storage dtype of the states.")
 @click.option("--compression", type=click.Choice(["none", "lz4", "zstd"]), default=None,
               help="Compression of the states (default none: measured fastest, lossless codecs "
