@@ -20,7 +20,7 @@ from .audio import SAMPLE_RATE, audio_seconds, load_audio
 from .errors import AudioError, ConfigError, StoreError, StoreMismatch
 from .lock import BuildLock, is_lock_file, region_lock
 from .manifest import Utterance, load_manifest
-from .model import DEFAULT_MODEL, LoadedModel, load_model
+from .encoder import DEFAULT_MODEL, LoadedModel, load_model
 from .store import (COMPRESSIONS, FORMAT, FORMAT_VERSION, STORAGE_DTYPES, StoreWriter,
                     default_shard_frames, fingerprint_difference, is_store_folder, load_index,
                     read_meta, to_storage)
@@ -136,7 +136,7 @@ def store_meta(config: BuildConfig, loaded: LoadedModel, shard_frames: int) -> d
         "model_config_sha256": loaded.config_sha256,
         "model_type": cfg.model_type, "model_config": cfg.to_diff_dict(),
         "layers": config.layers, "num_hidden_layers": cfg.num_hidden_layers,
-        "hidden_size": cfg.hidden_size, "do_stable_layer_norm": bool(cfg.do_stable_layer_norm),
+        "hidden_size": cfg.hidden_size, "do_stable_layer_norm": loaded.stable_layer_norm,
         "frame_rate": loaded.frame_rate, "sample_rate": SAMPLE_RATE,
         "preprocessing": loaded.preprocessing(), "dtype": config.dtype,
         "chunk_frames": config.resolved_chunk_frames, "shard_frames": shard_frames,
@@ -366,7 +366,7 @@ def _build(config: BuildConfig, manifest, loaded: LoadedModel, meta: dict, *, ra
     import torch
     from tqdm import tqdm
 
-    from .lower import LowerStack
+    from .encoder import LowerStack
     from .pooled import PooledStack
     from .store import committed_count
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .lower import embed, run_layers
+from .encoder import embed, run_layers
 
 
 def each_layer(model, hidden: torch.Tensor, mask: torch.Tensor, *,
@@ -22,7 +22,7 @@ def each_layer(model, hidden: torch.Tensor, mask: torch.Tensor, *,
     layers = model.encoder.layers
     for index in range(first, model.config.num_hidden_layers + 1):
         if index > first:
-            hidden = run_layers(model.config, layers[index - 1:index], hidden, mask)
+            hidden = run_layers(model, layers[index - 1:index], hidden, mask)
         yield index, hidden
 
 

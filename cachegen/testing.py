@@ -33,13 +33,21 @@ def tiny_config(*, stable_layer_norm: bool = False, layers: int = 4, hidden: int
     )
 
 
+def tiny_family_config(model_type: str, *, stable_layer_norm: bool = False, layers: int = 4,
+                       hidden: int = 32):
+    """A config of any supported family (cachegen.encoder.FAMILIES) with the geometry of
+    `tiny_config`: its fields, where the family has them."""
+    from transformers import AutoConfig
+
+    config_class = type(AutoConfig.for_model(model_type))
+    fields = tiny_config(stable_layer_norm=stable_layer_norm, layers=layers, hidden=hidden).to_dict()
+    keep = set(config_class().to_dict()) - {"model_type", "architectures", "transformers_version"}
+    return config_class(**{k: v for k, v in fields.items() if k in keep})
+
+
 def tiny_hubert_config(*, layers: int = 4, hidden: int = 32):
     """A HuBERT config with the same geometry as `tiny_config`."""
-    from transformers import HubertConfig
-
-    fields = tiny_config(layers=layers, hidden=hidden).to_dict()
-    keep = set(HubertConfig().to_dict()) - {"model_type", "architectures", "transformers_version"}
-    return HubertConfig(**{k: v for k, v in fields.items() if k in keep})
+    return tiny_family_config("hubert", layers=layers, hidden=hidden)
 
 
 def base_config():
@@ -53,20 +61,21 @@ def save_model(out_dir: str | Path, config, *, seed: int = 0) -> Path:
     """Save a randomly initialised encoder (Wav2Vec2Model, HubertModel, ... per `config`) and its
     feature-extractor config to `out_dir`."""
     import torch
-    import transformers
     from transformers import AutoModel, Wav2Vec2FeatureExtractor
 
-    transformers.logging.disable_progress_bar()
+    from .encoder import per_utterance_features, quiet_transformers
+
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    model = AutoModel.from_config(config)
-    model.save_pretrained(out_dir)
+    with quiet_transformers():
+        model = AutoModel.from_config(config)
+        model.save_pretrained(out_dir)
     Wav2Vec2FeatureExtractor(
         feature_size=1,
         sampling_rate=16000,
         padding_value=0.0,
         do_normalize=True,
-        return_attention_mask=config.feat_extract_norm == "layer",
+        return_attention_mask=not per_utterance_features(config),
     ).save_pretrained(out_dir)
     return out_dir
 

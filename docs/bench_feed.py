@@ -203,7 +203,7 @@ class StandInForward:
     noise): the build's every other step runs as it would on a GPU that costs nothing."""
 
     def __init__(self, model, layers: int, *, device: str = "cpu"):
-        from cachegen.lower import frame_counts
+        from cachegen.encoder import frame_counts
 
         self.model, self.frame_counts = model, frame_counts
         self.bank = np.random.default_rng(0).standard_normal((4096, model.config.hidden_size), dtype=np.float32)
@@ -221,14 +221,14 @@ def build_side(args, workdir: Path) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    import cachegen.lower
+    import cachegen.encoder
     from cachegen.build import BuildConfig, build_cache
     from cachegen.testing import base_config, save_model, synth_corpus
 
     model = workdir / "base-model"
     if not (model / "config.json").exists():
         save_model(model, base_config(), seed=args.seed)
-    cachegen.lower.LowerStack = StandInForward  # build_cache imports it at call time
+    cachegen.encoder.LowerStack = StandInForward  # build_cache imports it at call time
     out = {}
     for rates in ((16000,), (16000, 44100)):
         name = "+".join(f"{r / 1000:g} kHz" for r in rates)

@@ -79,7 +79,7 @@ def base_states(workdir: Path, *, sources: int = 6, seed: int = 0) -> list[np.nd
     from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
     from cachegen.audio import load_audio
-    from cachegen.lower import LowerStack
+    from cachegen.encoder import LowerStack
     from cachegen.manifest import load_manifest
     from cachegen.testing import base_config, synth_corpus
 
@@ -405,9 +405,9 @@ class BuildRun:
 def bench_build(args) -> None:
     from cachegen.audio import audio_seconds
     from cachegen.build import BuildConfig, batches_in_order, build_cache, decode
-    from cachegen.lower import LowerStack
+    from cachegen.encoder import LowerStack
     from cachegen.manifest import load_manifest
-    from cachegen.model import load_model
+    from cachegen.encoder import load_model
     from cachegen.reader import open_cache
     from cachegen.store import FORMAT, FORMAT_VERSION, StoreWriter, to_storage
     from cachegen.testing import base_config, save_model, synth_corpus

@@ -230,7 +230,7 @@ def representation_change(pretrained, finetuned, source, ids: list[str], *, firs
     (NaN below `first`, the layer a store's states enter at)."""
     from tqdm import tqdm
 
-    from cachegen.lower import embed
+    from cachegen.encoder import embed
     from cachegen.pooled import each_layer
 
     from .data import iterate_batches, plan_batches
@@ -263,7 +263,7 @@ def analyze_change(config: ChangeConfig, *, progress: bool = True) -> dict:
         ConfigError: bad options, or an output folder that belongs to a run or a store.
         StoreMismatch: the base checkpoint is not the one the run trained from.
     """
-    from cachegen.model import load_model
+    from cachegen.encoder import load_model
 
     from .run import load_run, read_run_info, write_json
     from .upper import merge_lora
@@ -456,7 +456,7 @@ def pooled_from_store(config: ProbeConfig, *, progress: bool):
         raise ConfigError(f"{config.source}: holds no pooled statistics; rebuild it with `ser cache "
                           "build ... --pooled-layers all`, or probe the manifest with --model")
     if config.model:
-        from cachegen.model import load_model
+        from cachegen.encoder import load_model
 
         from .train import check_store_matches
         check_store_matches(reader.location, reader.meta, load_model(config.model))
@@ -478,7 +478,7 @@ def pooled_from_audio(config: ProbeConfig, wanted: set[str], *, progress: bool):
     from cachegen.audio import audio_seconds
     from cachegen.errors import AudioError
     from cachegen.manifest import load_manifest
-    from cachegen.model import DEFAULT_MODEL, load_model
+    from cachegen.encoder import DEFAULT_MODEL, load_model
     from cachegen.pooled import PooledStack
 
     manifest = load_manifest(config.source, audio_root=config.audio_root)

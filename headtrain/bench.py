@@ -45,7 +45,7 @@ class BenchConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        from .upper import STRATEGIES
+        from .spec import STRATEGIES
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown:
             raise ConfigError(f"--strategies: unknown {', '.join(unknown)}; choose from {', '.join(STRATEGIES)}")
@@ -140,10 +140,11 @@ def measure(job: dict) -> dict:
     from accelerate import Accelerator
 
     from cachegen import open_cache
-    from cachegen.model import load_model
+    from cachegen.encoder import load_model
 
     from .data import AudioSource, CacheSource, iterate_batches
     from .metrics import ccc_loss
+    from .spec import ModelSpec, Strategy
     from .upper import EmotionModel, count_parameters
 
     config = BenchConfig(**job["config"])
@@ -158,8 +159,11 @@ def measure(job: dict) -> dict:
         source, cache_layer = CacheSource(reader), reader.meta["layers"]
     ids, plan = job["ids"], job["plan"]
     torch.manual_seed(config.seed)
-    model = EmotionModel(loaded.model, strategy=job["strategy"], cache_layer=cache_layer,
-                         top_layers=config.top_layers, targets=3, dropout=0.1, from_audio=job["from_audio"])
+    spec = ModelSpec(model_id=loaded.model_id, model_sha256=loaded.weights_sha256,
+                     strategy=Strategy.parse(job["strategy"]), cache_layer=cache_layer,
+                     top_layers=config.top_layers, targets=("activation", "valence", "dominance"))
+    model = EmotionModel.from_spec(loaded.model, spec, from_audio=job["from_audio"], cache_layer=cache_layer,
+                                   dropout=0.1)
     trainable, _ = count_parameters(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -210,9 +214,8 @@ def bench(config: BenchConfig) -> dict:
 
     from cachegen import open_cache
     from cachegen.build import BuildConfig, build_cache
-    from cachegen.lower import audio_frames
+    from cachegen.encoder import audio_frames, load_model
     from cachegen.manifest import load_manifest
-    from cachegen.model import load_model
 
     from .data import plan_batches
 
@@ -226,7 +229,10 @@ def bench(config: BenchConfig) -> dict:
     tmp = tempfile.TemporaryDirectory(prefix="ser-bench-")
     build_seconds = None
     store = config.store
-    if store is None and any(s in ("cached", "lora") for s in config.strategies):
+    from .spec import Strategy
+
+    strategies = [Strategy.parse(s, option="--strategies") for s in config.strategies]
+    if store is None and any(not s.reads_audio_only for s in strategies):
         store = os.path.join(tmp.name, "bench.zarr")
         started = time.perf_counter()
         build_cache(BuildConfig(manifest=config.manifest, out=store, model=config.model,
@@ -247,27 +253,27 @@ def bench(config: BenchConfig) -> dict:
     total_parameters = sum(p.numel() for p in loaded.model.parameters())
     del loaded
 
-    def job(strategy: str) -> dict:
-        from_audio = strategy in ("full", "partial") or (strategy == "lora" and reader is None)
-        return {"config": asdict(config), "strategy": strategy, "from_audio": from_audio,
+    def job(strategy: Strategy) -> dict:
+        from_audio = strategy.reads_audio_only or reader is None
+        return {"config": asdict(config), "strategy": strategy.value, "from_audio": from_audio,
                 "store": store, "paths": paths, "ids": ids, "plan": plan, "device": str(device)}
 
     results = []
-    for strategy in config.strategies:
+    for strategy in strategies:
         log.info("bench: %s, %d steps after %d warm-up", strategy, config.steps, config.warmup_steps)
         result = in_own_process(job(strategy))
         result["trainable_share"] = result["trainable_parameters"] / total_parameters
         results.append(result)
     by_strategy = {r["strategy"]: r for r in results}
-    full = by_strategy.get("full")
+    full = by_strategy.get(Strategy.FULL.value)
     for r in results:
         if full:
             r["speedup_vs_full"] = r["utterances_per_second"] / full["utterances_per_second"]
-    cached = by_strategy.get("cached")
+    cached = by_strategy.get(Strategy.CACHED.value)
     if cached:
         if build_seconds is not None:
             cached["build_seconds"] = build_seconds
-            audio_strategy = by_strategy.get("partial") or full
+            audio_strategy = by_strategy.get(Strategy.PARTIAL.value) or full
             if audio_strategy:
                 steps_per_epoch = len(ids) / config.batch_size
                 saved = (audio_strategy["seconds_per_step"] - cached["seconds_per_step"]) * steps_per_epoch

@@ -165,7 +165,7 @@ class AudioSource:
     def __init__(self, paths: dict[str, str], model, feature_extractor):
         import soundfile as sf
 
-        from cachegen.lower import audio_frames, receptive_field
+        from cachegen.encoder import audio_frames, receptive_field
 
         self.paths = paths
         self.feature_extractor = feature_extractor

@@ -1,8 +1,8 @@
 """`ser export`: a self-contained model directory that needs neither ser nor the base model.
 
-The directory holds a transformers Wav2Vec2Model/HubertModel (config.json, model.safetensors,
-preprocessor_config.json) with the trained layers (LoRA merged) and the regression head
-(head.safetensors, ser_head.json). docs/export.md shows how to use it with transformers alone.
+The directory holds a transformers encoder (Wav2Vec2Model, HubertModel or WavLMModel:
+config.json, model.safetensors, preprocessor_config.json) with the trained layers (LoRA merged)
+and the regression head (head.safetensors, ser_head.json). docs/export.md shows how to use it with transformers alone.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from cachegen.errors import ConfigError, OutputError
 
 from .run import (EXPORT_FORMAT, RUN_FORMAT_VERSION, load_run, read_run_info, refuse_run_output,
                   save_tensors, write_json)
+from .upper import merge_lora
 
 # What an export writes (transformers' files, then ours): a folder holding any of them that is
 # not an earlier export belongs to someone else.
 EXPORT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "head.safetensors",
                 "ser_head.json")
-from .upper import merge_lora
 
 
 def export(run_dir: str, out: str, *, model: str | None = None) -> Path:
@@ -54,9 +54,11 @@ def export(run_dir: str, out: str, *, model: str | None = None) -> Path:
 
 def write_head(out_dir: Path, run, backbone) -> None:
     write_json({
-        "format": EXPORT_FORMAT, "format_version": RUN_FORMAT_VERSION, "strategy": "full",
+        "format": EXPORT_FORMAT, "format_version": RUN_FORMAT_VERSION,
+        # how the network trained; LoRA adapters, if any, are merged into the saved weights
+        "model_spec": run.spec.to_json(), "lora_merged": True, "strategy": run.spec.strategy.value,
         "targets": run.targets, "label_mean": run.mean.tolist(), "label_std": run.std.tolist(),
-        "top_layers": backbone.config.num_hidden_layers,
+        "top_layers": run.spec.top_layers,
         "head": "masked mean over frames -> Linear(D, D) -> tanh -> Linear(D, targets); "
                 "prediction = output * label_std + label_mean",
         "trained_from": {k: run.info.get(k) for k in ("model_id", "model_sha256", "strategy",

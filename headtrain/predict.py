@@ -154,7 +154,7 @@ def predict_audio(run, utterances, *, batch_size: int, device: str, workers: int
     from tqdm import tqdm
 
     from cachegen.build import decode
-    from cachegen.lower import receptive_field
+    from cachegen.encoder import receptive_field
 
     model = run.model.to(device).eval()
     min_samples = receptive_field(run.model.backbone.config)

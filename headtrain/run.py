@@ -14,6 +14,8 @@ import torch
 from cachegen.errors import ConfigError, OutputError, StoreMismatch, UnsafeInput
 from cachegen.store import write_atomic
 
+from .spec import STRATEGIES
+
 RUN_FORMAT = "ser-run"
 RUN_FORMAT_VERSION = 1
 EXPORT_FORMAT = "ser-export"
@@ -133,6 +135,7 @@ def refuse_run_output(path: Path, *, option: str) -> None:
 class LoadedRun:
     model: torch.nn.Module  # EmotionModel, eval mode
     info: dict  # config.json of the run (or the export's ser_head.json)
+    spec: object  # ModelSpec that rebuilt `model`
     feature_extractor: object
     targets: list[str]
     mean: np.ndarray
@@ -161,7 +164,7 @@ INFO_FIELDS = {
 }
 RUN_INFO_FIELDS = {
     **INFO_FIELDS,
-    "strategy": (lambda v: v in ("cached", "partial", "full", "lora"), "cached, partial, full or lora"),
+    "strategy": (lambda v: v in STRATEGIES, "cached, partial, full or lora"),
     "model_id": (lambda v: isinstance(v, str) and bool(v), "the base model's hub id or folder"),
     "model_sha256": (is_sha256, "a sha256 hex digest"),
     "cache_layer": (lambda v: is_int(v) and v >= 0, "an integer of 0 or more"),
@@ -266,28 +269,36 @@ def load_run(run_dir: str | Path, *, from_audio: bool, cache_layer: int | None =
     Raises:
         StoreMismatch: the base checkpoint's weights are not the ones the run trained on.
     """
-    from cachegen.model import load_model
+    from cachegen.encoder import load_model
 
+    from .spec import ModelSpec
     from .upper import EmotionModel
 
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
     exported = info["format"] == EXPORT_FORMAT
+    spec = ModelSpec.from_run_info(info, where=str(run_dir / ("ser_head.json" if exported else "config.json")))
     weights = run_dir / ("head.safetensors" if exported else WEIGHTS)
     if weights.suffix != ".safetensors":
         raise UnsafeInput(f"{weights}: only safetensors are loaded")
     if not weights.is_file():
         raise ConfigError(f"{run_dir}: {weights.name} is missing (training never finished an epoch?)")
+    if exported and not from_audio:
+        raise ConfigError(f"{run_dir}: an export holds the whole network, trained layers merged; "
+                          "evaluate it from audio (--manifest) instead of --from-cache")
     if exported:  # the whole network's weights: only a safetensors file, checked before transformers reads it
         check_safetensors(run_dir / WEIGHTS)
-    loaded = load_model(str(run_dir) if exported else (model or info["model_id"]))
-    if not exported and loaded.weights_sha256 != info["model_sha256"]:
-        raise StoreMismatch(f"{run_dir}: trained on weights sha256 {info['model_sha256'][:12]}…, but "
-                            f"'{model or info['model_id']}' has {loaded.weights_sha256[:12]}…; pass "
+    loaded = load_model(str(run_dir) if exported else (model or spec.model_id))
+    if not exported and loaded.weights_sha256 != spec.model_sha256:
+        raise StoreMismatch(f"{run_dir}: trained on weights sha256 {spec.model_sha256[:12]}…, but "
+                            f"'{model or spec.model_id}' has {loaded.weights_sha256[:12]}…; pass "
                             "--model with the base checkpoint the run was trained from")
     layers = loaded.num_layers
-    trained_from = layers - info["top_layers"] if info["strategy"] != "full" else 0
-    if not from_audio and info["strategy"] == "full":
+    if not 0 < spec.top_layers <= layers:
+        raise ConfigError(f"{run_dir}: top_layers {spec.top_layers} does not fit a base model of "
+                          f"{layers} layers")
+    trained_from = spec.trained_from(layers)
+    if not from_audio and spec.strategy.trains_every_layer:
         raise ConfigError(f"{run_dir}: full finetuning also trained the layers below any cache; "
                           "evaluate it from audio (--manifest) instead of --from-cache")
     if not from_audio:
@@ -295,19 +306,16 @@ def load_run(run_dir: str | Path, *, from_audio: bool, cache_layer: int | None =
             raise ConfigError(f"a store at layer {cache_layer} cannot feed this run: its layers "
                               f"{trained_from + 1}..{layers} were trained; use a store built with "
                               f"--layers {trained_from} or less, or predict from audio")
-    strategy = "full" if exported else info["strategy"]
-    emotion = EmotionModel(loaded.model, strategy=strategy, cache_layer=cache_layer or 0,
-                           top_layers=info["top_layers"], targets=len(info["targets"]), dropout=0.0,
-                           from_audio=from_audio, lora_rank=info.get("lora_rank", 8),
-                           lora_alpha=info.get("lora_alpha", 16))
+    emotion = EmotionModel.from_spec(loaded.model, spec, from_audio=from_audio, cache_layer=cache_layer or 0,
+                                     merged=exported)
     tensors = load_safetensors(weights)
     if exported:
         load_tensors_into(emotion.head.state_dict(), tensors, weights, load=emotion.head.load_state_dict)
     else:
         load_tensors_into(emotion.trained_state(), tensors, weights, load=emotion.load_trained_state)
     emotion.eval()
-    return LoadedRun(model=emotion, info=info, feature_extractor=loaded.feature_extractor,
-                     targets=info["targets"], mean=np.array(info["label_mean"]),
+    return LoadedRun(model=emotion, info=info, spec=spec, feature_extractor=loaded.feature_extractor,
+                     targets=list(spec.targets), mean=np.array(info["label_mean"]),
                      std=np.array(info["label_std"]))
 
 

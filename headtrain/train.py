@@ -14,7 +14,7 @@ from cachegen.errors import ConfigError, StoreMismatch
 
 from .data import Batching
 from .labels import Split, drop_failed, drop_unusable, load_splits, read_labels
-from .upper import STRATEGIES
+from .spec import ModelSpec, Strategy
 
 log = logging.getLogger(__name__)
 AMP_CHOICES = ("bf16", "fp16", "no")
@@ -61,8 +61,8 @@ class TrainConfig:
     progress: bool = True
 
     @property
-    def resolved_strategy(self) -> str:
-        return self.strategy or ("cached" if self.from_cache else "partial")
+    def resolved_strategy(self) -> Strategy:
+        return Strategy.parse(self.strategy or (Strategy.CACHED if self.from_cache else Strategy.PARTIAL))
 
     @property
     def from_audio(self) -> bool:
@@ -70,11 +70,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         strategy = self.resolved_strategy
-        if strategy not in STRATEGIES:
-            raise ConfigError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
-        if strategy == "cached" and not self.from_cache:
+        if strategy.needs_store and not self.from_cache:
             raise ConfigError("--strategy cached needs --from-cache STORE")
-        if strategy in ("partial", "full") and self.from_cache:
+        if strategy.reads_audio_only and self.from_cache:
             raise ConfigError(f"--strategy {strategy} trains from audio: pass --manifest, not --from-cache")
         if not self.from_cache and not self.manifest:
             raise ConfigError("nothing to train from: pass --from-cache STORE or --manifest MANIFEST")
@@ -195,7 +193,7 @@ def standardisation(split: Split) -> tuple[np.ndarray, np.ndarray]:
 def open_sources(config: TrainConfig):
     """(source, labels table and its name, LoadedModel, cache layer, store meta) for a config."""
     from cachegen.manifest import load_manifest
-    from cachegen.model import DEFAULT_MODEL, load_model
+    from cachegen.encoder import DEFAULT_MODEL, load_model
 
     from .data import AudioSource, CacheSource
 
@@ -232,7 +230,7 @@ def check_store_matches(location: str, meta: dict, loaded) -> None:
             f"'{loaded.model_id}' has, though the weights match; pass --model with the checkpoint "
             "folder the store was built from")
     for field_name, value in (("hidden_size", loaded.hidden_size), ("num_hidden_layers", loaded.num_layers),
-                              ("do_stable_layer_norm", bool(loaded.config.do_stable_layer_norm))):
+                              ("do_stable_layer_norm", loaded.stable_layer_norm)):
         if meta[field_name] != value:
             raise StoreMismatch(f"{location}: store has {field_name}={meta[field_name]}, model "
                                 f"'{loaded.model_id}' has {value}")
@@ -281,7 +279,8 @@ def train(config: TrainConfig) -> TrainResult:
     strategy = config.resolved_strategy
     source, table, table_name, loaded, cache_layer, store_meta = open_sources(config)
     layers = loaded.num_layers
-    if config.top_layers > layers - cache_layer and strategy != "full":
+    top_layers = layers if strategy.trains_every_layer else config.top_layers
+    if top_layers > layers - cache_layer:
         raise ConfigError(f"--top-layers {config.top_layers} is larger than the {layers - cache_layer} "
                           f"layers above the cache (layer {cache_layer} of {layers}); use at most "
                           f"{layers - cache_layer}, or a store built with fewer --layers")
@@ -294,11 +293,11 @@ def train(config: TrainConfig) -> TrainResult:
 
     total = sum(p.numel() for p in loaded.model.parameters())  # the whole base model
     set_seed(config.seed)
-    model = EmotionModel(loaded.model, strategy=strategy, cache_layer=cache_layer,
-                         top_layers=layers if strategy == "full" else config.top_layers,
-                         targets=len(config.targets), dropout=config.dropout,
-                         from_audio=config.from_audio, lora_rank=config.lora_rank,
-                         lora_alpha=config.lora_alpha)
+    spec = ModelSpec(model_id=loaded.model_id, model_sha256=loaded.weights_sha256, strategy=strategy,
+                     cache_layer=cache_layer, top_layers=top_layers, targets=tuple(config.targets),
+                     lora_rank=config.lora_rank, lora_alpha=config.lora_alpha)
+    model = EmotionModel.from_spec(loaded.model, spec, from_audio=config.from_audio,
+                                   cache_layer=cache_layer, dropout=config.dropout)
     trainable, _ = count_parameters(model)
     head_params = [p for p in model.head.parameters()]
     body_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
@@ -339,10 +338,11 @@ def train(config: TrainConfig) -> TrainResult:
                 "score": average if config.select == "mean" else metrics[config.select]["ccc"]}
 
     info = {
-        "format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "strategy": strategy,
+        "format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "strategy": strategy.value,
+        "model_spec": spec.to_json(),
         "model_id": loaded.model_id, "model_sha256": loaded.weights_sha256,
         "num_hidden_layers": layers, "hidden_size": loaded.hidden_size,
-        "cache_layer": cache_layer, "top_layers": layers if strategy == "full" else config.top_layers,
+        "cache_layer": cache_layer, "top_layers": top_layers,
         "targets": list(config.targets), "label_mean": mean.tolist(), "label_std": std.tolist(),
         "lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha,
         "trainable_parameters": trainable, "total_parameters": total,

@@ -19,10 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cachegen.lower import embed, finish, run_layers
+from cachegen.encoder import drop_cached, embed, family_of, finish, run_layers, stable_layer_norm
 
-STRATEGIES = ("cached", "partial", "full", "lora")
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "intermediate_dense", "output_dense"]
+from .spec import ModelSpec, Strategy
 
 
 class Head(nn.Module):
@@ -42,37 +41,45 @@ class Head(nn.Module):
 
 
 class EmotionModel(nn.Module):
-    """`backbone` is a transformers Wav2Vec2Model/HubertModel; this module takes ownership."""
+    """`backbone` is a transformers encoder of a supported family (cachegen.encoder.FAMILIES);
+    this module takes ownership."""
 
-    def __init__(self, backbone, *, strategy: str, cache_layer: int, top_layers: int,
+    def __init__(self, backbone, *, strategy: Strategy | str, cache_layer: int, top_layers: int,
                  targets: int, dropout: float, from_audio: bool,
-                 lora_rank: int = 8, lora_alpha: int = 16):
+                 lora_rank: int = 8, lora_alpha: int = 16, merged: bool = False):
         super().__init__()
         config = backbone.config
         layers = config.num_hidden_layers
+        strategy = Strategy.parse(strategy)
         self.strategy, self.from_audio = strategy, from_audio
+        self.family = family_of(config)
         self.first_layer = 0 if from_audio else cache_layer  # layers below are not held
-        self.trained_from = 0 if strategy == "full" else layers - top_layers
+        self.trained_from = 0 if strategy.trains_every_layer else layers - top_layers
         if not from_audio:  # the cache replaces the encoder and lower layers: drop them
-            backbone.feature_extractor = None
-            backbone.feature_projection = None
-            backbone.encoder.pos_conv_embed = None
-            backbone.encoder.layers = nn.ModuleList(list(backbone.encoder.layers)[cache_layer:])
+            drop_cached(backbone, cache_layer)
         self.backbone = backbone
         for parameter in backbone.parameters():
             parameter.requires_grad = False
         self.set_dropout(dropout)
         for layer in self.trained_layers():
-            if strategy == "lora":
-                add_lora(layer, rank=lora_rank, alpha=lora_alpha)
+            if strategy.adapters and not merged:  # merged: an export, adapters already folded in
+                add_lora(layer, rank=lora_rank, alpha=lora_alpha, targets=self.family.lora_targets)
             else:
                 layer.requires_grad_(True)
-        if strategy == "full":
+        if strategy.trains_every_layer:
             backbone.feature_projection.requires_grad_(True)
             backbone.encoder.pos_conv_embed.requires_grad_(True)
-        if config.do_stable_layer_norm or strategy == "full":
-            backbone.encoder.layer_norm.requires_grad_(strategy != "lora")
+        if stable_layer_norm(config) or strategy.trains_every_layer:
+            backbone.encoder.layer_norm.requires_grad_(not strategy.adapters)
         self.head = Head(config.hidden_size, targets, dropout)
+
+    @classmethod
+    def from_spec(cls, backbone, spec: ModelSpec, *, from_audio: bool, cache_layer: int = 0,
+                  dropout: float = 0.0, merged: bool = False) -> "EmotionModel":
+        """The network `spec` describes, fed from audio or from states at `cache_layer`."""
+        return cls(backbone, strategy=spec.strategy, cache_layer=cache_layer, top_layers=spec.top_layers,
+                   targets=len(spec.targets), dropout=dropout, from_audio=from_audio,
+                   lora_rank=spec.lora_rank, lora_alpha=spec.lora_alpha, merged=merged)
 
     def trained_layers(self) -> list[nn.Module]:
         held = list(self.backbone.encoder.layers)
@@ -84,8 +91,9 @@ class EmotionModel(nn.Module):
             for module in layer.modules():
                 if isinstance(module, nn.Dropout):
                     module.p = p
-            if hasattr(layer.attention, "dropout") and isinstance(layer.attention.dropout, float):
-                layer.attention.dropout = p
+            for path in self.family.float_dropouts:
+                owner, _, name = path.rpartition(".")
+                setattr(layer.get_submodule(owner) if owner else layer, name, p)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -93,7 +101,7 @@ class EmotionModel(nn.Module):
             self.backbone.eval()
             for layer in self.trained_layers():
                 layer.train()
-            if self.strategy == "full":
+            if self.strategy.trains_every_layer:
                 self.backbone.encoder.train()
                 self.backbone.feature_projection.train()
         return self
@@ -106,7 +114,7 @@ class EmotionModel(nn.Module):
             hidden, mask = embed(model, inputs)
         else:
             hidden = inputs
-        hidden = run_layers(model.config, model.encoder.layers, hidden, mask)  # (B, T, D)
+        hidden = run_layers(model, model.encoder.layers, hidden, mask)  # (B, T, D)
         return self.head(finish(model, hidden), mask)
 
     def trained_state(self) -> dict[str, torch.Tensor]:
@@ -133,13 +141,13 @@ class EmotionModel(nn.Module):
         self.load_state_dict({own[n]: t for n, t in tensors.items()}, strict=False)
 
 
-def add_lora(layer: nn.Module, *, rank: int, alpha: int) -> None:
-    """LoRA adapters (peft) on the attention and feed-forward projections of one layer; the
-    layer's own weights stay frozen."""
+def add_lora(layer: nn.Module, *, rank: int, alpha: int, targets: tuple[str, ...]) -> None:
+    """LoRA adapters (peft) on the `targets` projections of one layer (the family's
+    `lora_targets`); the layer's own weights stay frozen."""
     from peft import LoraConfig, inject_adapter_in_model
 
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                       target_modules=LORA_TARGETS), layer)
+                                       target_modules=list(targets)), layer)
     for name, parameter in layer.named_parameters():
         parameter.requires_grad = "lora_" in name
 

@@ -72,7 +72,7 @@ def test_default_batches_learn_as_well_as_random_batches(rate_store, tmp_path, m
 def test_batches_are_the_same_from_the_store_and_from_the_audio(rate_store, tiny_model):
     from cachegen import open_cache
     from cachegen.manifest import load_manifest
-    from cachegen.model import load_model
+    from cachegen.encoder import load_model
     from headtrain.data import AudioSource, Batching, CacheSource, plan_batches
 
     manifest, store = rate_store

@@ -238,7 +238,7 @@ def test_wrong_lines_are_reported_with_their_line_numbers():
         "```bash",
         "ser cache info s.zarr --json && ser train --from-cahce s.zarr --out r  # comment",  # 3
         "accelerate launch --num_processes 2 \"$(command -v ser)\" cache build m.csv \\",  # 4
-        "  --layers 9 --out s.zarr --dtype int8",
+        "  --layers 9 --out s.zarr --dtype float64",
         "ser cache copy only-one-argument",  # 6: a complete line misses DST
         "for r in runs/*; do ser evaluate $r --from-cache s.zarr --out $r/t; done",  # 7: fine
         "ser train --from-cache s.zarr --out r --epochs two",  # 8: not an integer
@@ -256,7 +256,7 @@ def test_wrong_lines_are_reported_with_their_line_numbers():
     problems = doc_problems(Path("x.md"), text)
     assert [p.split(":")[1] for p in problems] == ["1", "3", "4", "6", "8", "9", "12", "15", "18"], problems
     assert "no command 'verfy'" in problems[0] and "--from-cahce" in problems[1]
-    assert "int8" in problems[2] and "'DST'" in problems[3] and "two" in problems[4]
+    assert "float64" in problems[2] and "'DST'" in problems[3] and "two" in problems[4]
     assert "'bild'" in problems[5] and "--epoch " in problems[6] and "--size" in problems[7]
     assert "'expor'" in problems[8]
 

@@ -57,7 +57,7 @@ def test_audio_past_max_seconds_is_skipped_and_named(tiny_model, mixed, tmp_path
 
 
 def test_batch_out_of_memory_is_retried_one_by_one(tiny_model, mixed, tmp_path, monkeypatch):
-    from cachegen.lower import LowerStack
+    from cachegen.encoder import LowerStack
 
     real_call = LowerStack.__call__
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from headtrain import EvaluateConfig, PredictConfig, TrainConfig, evaluate, export, predict, train
-from headtrain.upper import LORA_TARGETS
+from cachegen.encoder import FAMILIES
 
 
 def config(**overrides):
@@ -27,7 +27,7 @@ def test_strategy_trains_evaluates_predicts_exports(strategy, source, built_stor
     assert all(torch.isfinite(t).all() for t in tensors.values())
     if strategy == "lora":
         adapted = {n.split(".lora_")[0].split(".")[-1] for n in tensors if ".lora_" in n}
-        assert adapted == set(LORA_TARGETS)
+        assert adapted == set(FAMILIES["wav2vec2"].lora_targets)
         assert {n.split(".")[2] for n in tensors if ".lora_" in n} == {"2", "3"}
         assert not any(n.endswith("q_proj.base_layer.weight") for n in tensors)  # frozen weights stay out
     if strategy == "full":
