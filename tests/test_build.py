@@ -1,5 +1,5 @@
 """Building a store: resume after SIGKILL, refusal of mismatched stores, bad input, disk full,
-corruption detected by verify (RELIABILITY.md items 1-4, 8, 9, 11)."""
+corruption detected by verify (checklist items 1-4, 8, 9, 11 of docs/design.md)."""
 
 import errno
 import os
@@ -166,7 +166,7 @@ def test_unreachable_hub_model_says_to_pass_a_local_folder(corpus, tmp_path):
 
 
 def write_bad_audio(folder: Path) -> dict:
-    """Every kind of audio RELIABILITY.md item 8 names; returns {id: expected outcome}."""
+    """Every kind of audio item 8 of the checklist in docs/design.md names; returns {id: expected outcome}."""
     rng = np.random.default_rng(0)
     tone = 0.3 * np.sin(2 * np.pi * 220 * np.arange(16000) / 16000)
     (folder / "empty.wav").write_bytes(b"")
