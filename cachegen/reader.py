@@ -735,7 +735,7 @@ def chunk_limits(location: str, meta: dict, array_meta: dict) -> tuple[int, int]
         itemsize = np.dtype(array_meta["data_type"]).itemsize
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise StoreCorrupt(f"{location}: cannot be opened: the states' chunk layout is unreadable ({err})") from None
-    hidden = meta["hidden_size"]
+    hidden = storage_width(meta["hidden_size"], meta["dtype"])  # int8 rows carry their scale
     wrong = (len(shape) != 2 or len(shard) != 2 or len(inner) != 2 or shape[1] != hidden
              or shard[1] != hidden or inner[1] != hidden or shard[0] != meta["shard_frames"]
              or inner[0] != meta["chunk_frames"] or min(shard[0], inner[0]) < 1 or shard[0] % inner[0])
