@@ -29,7 +29,8 @@ def write_store(path: Path, *, dtype: str = "float16", compression: str | None =
     rng = np.random.default_rng(seed)
     meta = {"format": FORMAT, "format_version": version, "dtype": dtype, "hidden_size": hidden,
             "chunk_frames": CHUNK, "shard_frames": SHARD, "layers": 2, "frame_rate": 50.0,
-            "model_id": "random"}
+            "model_id": "random", "model_sha256": "0" * 64, "model_type": "wav2vec2",
+            "num_hidden_layers": 4, "sample_rate": 16000}  # every field a ser store records
     if checksum:
         meta["checksum"] = checksum
     if compression:
