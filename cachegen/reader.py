@@ -455,12 +455,10 @@ def cut_off(key: str, data: bytes, states_meta: dict | None) -> str | None:
             return "not whole JSON"
     elif name.endswith(".parquet"):
         try:
-            pq.read_metadata(io.BytesIO(data))
+            pq.read_metadata(pa.BufferReader(data))
         except Exception:  # pyarrow raises several types for a cut-off footer
             return "not a whole Parquet file"
     elif key.startswith(f"{ARRAY}/c/") and states_meta is not None:
-        import google_crc32c
-
         try:
             layout = _coalescible(states_meta)
         except (KeyError, TypeError, AttributeError, IndexError):
@@ -471,7 +469,7 @@ def cut_off(key: str, data: bytes, states_meta: dict | None) -> str | None:
         if len(data) < index_size:
             return f"{len(data)} bytes, shorter than its shard index ({index_size} bytes)"
         index = data[-index_size:]
-        if google_crc32c.value(index[:-4]) != int.from_bytes(index[-4:], "little"):
+        if checksum(np.frombuffer(index[:-4], np.uint8)) != int.from_bytes(index[-4:], "little"):
             return "its shard index fails its crc32c"
         table = np.frombuffer(index[:-4], "<u8").reshape(-1, 2)
         written = table[table[:, 0] != np.iinfo(np.uint64).max]
@@ -1034,7 +1032,7 @@ class CacheReader:
         if data is None:
             return None
         try:
-            return pq.read_table(io.BytesIO(data))
+            return pq.read_table(pa.BufferReader(data))
         except (pa.ArrowException, OSError) as err:
             raise StoreCorrupt(f"{self.location}: {key} cannot be read ({err})") from None
 
