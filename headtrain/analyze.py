@@ -197,29 +197,19 @@ def split_sample(table, ids: list[str], split: str | None, count: int, seed: int
 def open_inputs(config: ChangeConfig, info: dict, base):
     """(source, sample ids, first layer, description) of the utterances CKA runs on; `base` is
     the pretrained LoadedModel."""
-    from cachegen.manifest import load_manifest
-
-    from .data import AudioSource, CacheSource
+    from .inputs import Inputs
 
     trained = info.get("config", {})
     manifest = config.manifest or (None if config.from_cache else trained.get("manifest"))
     store = config.from_cache or (None if manifest else trained.get("from_cache"))
     split = config.split or trained.get("dev_split", "dev")
-    if manifest:
-        loaded = load_manifest(manifest, audio_root=config.audio_root or trained.get("audio_root"))
-        paths = {u.id: u.path for u in loaded.utterances}
-        source = AudioSource(paths, base.model, base.feature_extractor)
-        ids = split_sample(loaded.table, list(paths), split, config.utterances, config.seed, manifest)
-        return source, ids, 0, manifest
-    if store:
-        from cachegen import open_cache
-
-        from .train import check_store_matches
-
-        reader = open_cache(store, cache_dir=config.cache_dir)
-        check_store_matches(reader.location, reader.meta, base)
-        ids = split_sample(reader.table, reader.ids, split, config.utterances, config.seed, store)
-        return CacheSource(reader), ids, reader.meta["layers"], store
+    if manifest or store:
+        inputs = Inputs.open(from_cache=None if manifest else store, manifest=manifest,
+                             cache_dir=config.cache_dir, audio_root=config.audio_root or trained.get("audio_root"))
+        inputs.check_model(base)
+        where, source = manifest or store, inputs.source(base.model, base.feature_extractor)
+        ids = split_sample(inputs.table, inputs.ids, split, config.utterances, config.seed, where)
+        return source, ids, inputs.cache_layer, where
     raise ConfigError(f"{config.run}: the run records no manifest or store; pass --manifest")
 
 
@@ -266,6 +256,7 @@ def analyze_change(config: ChangeConfig, *, progress: bool = True) -> dict:
     from cachegen.encoder import load_model
 
     from .run import load_run, read_run_info, write_json
+    from .spec import ModelSpec
     from .upper import merge_lora
 
     config.validate()
@@ -274,18 +265,19 @@ def analyze_change(config: ChangeConfig, *, progress: bool = True) -> dict:
         raise ConfigError(f"{config.run}: an export; analyse the run directory it came from")
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     run = load_run(config.run, from_audio=True, model=config.model)
+    spec: ModelSpec = run.spec
     finetuned = run.model.backbone
     merge_lora(finetuned)
-    base = load_model(config.model or info["model_id"])
+    base = load_model(config.model or spec.model_id)
     pretrained = base.model
     layers = pretrained.config.num_hidden_layers
     weights = weight_change(pretrained.state_dict(), finetuned.state_dict(), pretrained.config)
-    trained_all = info["strategy"] == "full" or info["top_layers"] >= layers
+    trained_all = spec.trained_from(layers) == 0
     if not trained_all:
         log.warning("%s trained only layers %d..%d (%s, K=%d): the layers below were frozen and "
                     "did not change by construction; train with --strategy full (or K = %d) to "
-                    "choose L from data", config.run, layers - info["top_layers"] + 1, layers,
-                    info["strategy"], info["top_layers"], layers)
+                    "choose L from data", config.run, layers - spec.top_layers + 1, layers,
+                    spec.strategy, spec.top_layers, layers)
     cka = [math.nan] * (layers + 1)
     described, sampled = None, 0
     if config.utterances:
@@ -309,7 +301,7 @@ def analyze_change(config: ChangeConfig, *, progress: bool = True) -> dict:
              "representation_change": None if math.isnan(cka[i]) else 1 - cka[i]}
             for i in range(layers + 1)]
     result = {
-        "run": config.run, "model_id": info["model_id"], "strategy": info["strategy"],
+        "run": config.run, "model_id": spec.model_id, "strategy": spec.strategy.value,
         "num_hidden_layers": layers, "trained_all_layers": trained_all, "layers": rows,
         "metric": metric, "metric_label": METRICS[metric], "threshold": config.threshold,
         "cut": cut, "recommended_layers": layer, "recommended_top_layers": layers - layer,
@@ -458,8 +450,8 @@ def pooled_from_store(config: ProbeConfig, *, progress: bool):
     if config.model:
         from cachegen.encoder import load_model
 
-        from .train import check_store_matches
-        check_store_matches(reader.location, reader.meta, load_model(config.model))
+        from .inputs import check_store_model
+        check_store_model(reader, load_model(config.model))
     from tqdm import tqdm
 
     features = {uid: reader.pooled(uid) for uid in tqdm(reader.ids, unit="utt", desc="reading",

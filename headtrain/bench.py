@@ -1,7 +1,9 @@
 """`ser bench`: the paper's comparison on your hardware and corpus, side by side in one process.
 
 Every strategy trains the same number of steps on identical batches (same plan, same
-utterances), after warm-up steps that are not timed. Reported per strategy: utterances/s,
+utterances), after warm-up steps that are not timed; each step is `ser train`'s own
+(headtrain.loop.train_step: autocast, backward, gradient clipping, AdamW with the warm-up
+schedule, at `ser train`'s default options). Reported per strategy: utterances/s,
 seconds/step, peak memory (CUDA peak allocated on GPU; peak anonymous RSS growth on CPU), trainable
 parameters and their share of the model. For `cached`: the one-off build cost, the epoch
 count after which caching has paid for itself, and the data wait: the share of the timed
@@ -139,12 +141,16 @@ def measure(job: dict) -> dict:
     and its allocator start from the same state as every other strategy's."""
     from accelerate import Accelerator
 
-    from cachegen import open_cache
+    import numpy as np
+
     from cachegen.encoder import load_model
 
-    from .data import AudioSource, CacheSource, iterate_batches
-    from .metrics import ccc_loss
+    from .data import iterate_batches
+    from .inputs import Inputs
+    from .loop import make_optimizer, train_step
+    from .metrics import LOSSES
     from .spec import ModelSpec, Strategy
+    from .train import TrainConfig
     from .upper import EmotionModel, count_parameters
 
     config = BenchConfig(**job["config"])
@@ -152,12 +158,15 @@ def measure(job: dict) -> dict:
     accelerator = Accelerator(mixed_precision=config.amp, cpu=device.type == "cpu")
     loaded = load_model(config.model)
     if job["from_audio"]:
-        source = AudioSource(job["paths"], loaded.model, loaded.feature_extractor)
-        cache_layer = 0
+        inputs = Inputs(table=None, table_name=config.manifest, paths=job["paths"])
     else:
-        reader = open_cache(job["store"])
-        source, cache_layer = CacheSource(reader), reader.meta["layers"]
+        inputs = Inputs.open(from_cache=job["store"])
+        inputs.check_model(loaded)
+    source, cache_layer = inputs.source(loaded.model, loaded.feature_extractor), inputs.cache_layer
     ids, plan = job["ids"], job["plan"]
+    # fixed random targets: the loss has real gradients (constant targets give CCC none), so
+    # clipping and the optimiser do their real work; what is learnt does not matter
+    targets = np.random.default_rng(config.seed).standard_normal((len(ids), 3)).astype(np.float32)
     torch.manual_seed(config.seed)
     spec = ModelSpec(model_id=loaded.model_id, model_sha256=loaded.weights_sha256,
                      strategy=Strategy.parse(job["strategy"]), cache_layer=cache_layer,
@@ -165,10 +174,13 @@ def measure(job: dict) -> dict:
     model = EmotionModel.from_spec(loaded.model, spec, from_audio=job["from_audio"], cache_layer=cache_layer,
                                    dropout=0.1)
     trainable, _ = count_parameters(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    defaults = TrainConfig(out="")  # `ser train`'s optimiser, schedule and clipping
+    optimizer, scheduler = make_optimizer(
+        model, lr=defaults.lr, head_lr=defaults.head_lr, weight_decay=defaults.weight_decay,
+        warmup_steps=int(defaults.warmup * len(plan)), total_steps=len(plan))
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    feed = DataWait(iterate_batches(source, ids, None, plan, seed=config.seed, pin=device.type == "cuda"))
+    feed = DataWait(iterate_batches(source, ids, targets, plan, seed=config.seed, pin=device.type == "cuda"))
     times, utterances, timed_from = [], 0, None
     feed.timing = not config.warmup_steps
     with PeakMemory(device) as memory:
@@ -178,13 +190,8 @@ def measure(job: dict) -> dict:
             if step == config.warmup_steps:
                 timed_from = time.perf_counter() - feed.waited  # from here on, waiting counts too
             started = time.perf_counter()
-            batch.to(device)
-            with accelerator.autocast():
-                pred = model(batch.inputs, batch.mask)  # (B, 3)
-            loss = ccc_loss(pred, torch.zeros_like(pred) + torch.arange(3, device=device))
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(batch.to(device), model=model, optimizer=optimizer, scheduler=scheduler,
+                       accelerator=accelerator, loss_fn=LOSSES[defaults.loss], clip=defaults.clip)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if step >= config.warmup_steps:
@@ -210,14 +217,13 @@ def in_own_process(job: dict) -> dict:
 
 def bench(config: BenchConfig) -> dict:
     """Run the comparison; returns (and writes to `config.json_out`) the results."""
-    import soundfile as sf
-
     from cachegen import open_cache
     from cachegen.build import BuildConfig, build_cache
-    from cachegen.encoder import audio_frames, load_model
+    from cachegen.encoder import load_model
     from cachegen.manifest import load_manifest
 
     from .data import plan_batches
+    from .inputs import Inputs
 
     config.validate()
     manifest = load_manifest(config.manifest)
@@ -240,10 +246,12 @@ def bench(config: BenchConfig) -> dict:
                                 device=str(device), progress=False))
         build_seconds = time.perf_counter() - started
     reader = open_cache(store) if store else None
-    paths = {u.id: u.path for u in manifest.utterances if reader is None or u.id in reader}
-    ids = list(paths)
-    headers = [sf.info(paths[u]) for u in ids]
-    lengths = [audio_frames(loaded.model, info.frames, info.samplerate) for info in headers]
+    inputs = Inputs(table=manifest.table, table_name=config.manifest,
+                    paths={u.id: u.path for u in manifest.utterances if reader is None or u.id in reader})
+    audio = inputs.source(loaded.model, loaded.feature_extractor)  # leaves unusable files out, named
+    ids = inputs.ids
+    paths = {uid: inputs.paths[uid] for uid in ids}
+    lengths = [audio.length(u) for u in ids]
     total_steps = config.warmup_steps + config.steps
     plan, epoch = [], 0
     while len(plan) < total_steps:  # identical batches for every strategy

@@ -110,24 +110,23 @@ def evaluate(config: EvaluateConfig) -> dict:
 
     Returns the metrics: {target: {"ccc", "pearson", "mse"}}.
     """
-    from .data import CacheSource
     from .device import resolve_device
-    from .labels import drop_failed, drop_unusable, load_splits, read_labels
+    from .inputs import Inputs
+    from .labels import load_splits
     from .metrics import target_metrics
     from .plots import plot_scatter
-    from .run import refuse_run_output, write_json, writing
+    from .run import load_run, refuse_run_output, write_json, writing
 
     config.validate()
     refuse_run_output(Path(config.out), option="--out")
-    run, source, table, table_name, available = open_for_run(
-        config.run, from_cache=config.from_cache, manifest=config.manifest, model=config.model,
-        cache_dir=config.cache_dir, audio_root=config.audio_root)
-    if config.labels:
-        table, table_name = read_labels(config.labels), config.labels
-    table = (drop_failed(table, source.reader.meta) if isinstance(source, CacheSource)
-             else drop_unusable(table, source))
-    split = load_splits(table, source=table_name, targets=run.targets, splits=[config.split],
-                        available=available)[config.split]
+    inputs = Inputs.open(from_cache=config.from_cache, manifest=config.manifest, labels=config.labels,
+                         cache_dir=config.cache_dir, audio_root=config.audio_root)
+    run = load_run(config.run, from_audio=not inputs.from_store, cache_layer=inputs.cache_layer,
+                   model=config.model)
+    inputs.check_run(config.run, run.spec)
+    source = inputs.source(run.model.backbone, run.feature_extractor)
+    split = load_splits(inputs.table, source=inputs.table_name, targets=run.targets, splits=[config.split],
+                        available=inputs.available)[config.split]
     device = resolve_device(config.device)
     model = run.model.to(device)
     pred = run.to_label_scale(predict_split(model, source, split.ids, batch_size=config.batch_size,
@@ -145,32 +144,3 @@ def evaluate(config: EvaluateConfig) -> dict:
     with writing(out / "metrics.json"):
         write_json(metrics, out / "metrics.json")
     return metrics
-
-
-def open_for_run(run_dir: str, *, from_cache: str | None, manifest: str | None,
-                 model: str | None = None, cache_dir: str | None = None, audio_root: str | None = None):
-    """A trained run and a source of inputs for it: (run, source, table, table name, ids)."""
-    from cachegen.manifest import load_manifest
-
-    from .data import AudioSource, CacheSource
-    from .run import load_run
-
-    if from_cache:
-        from cachegen import open_cache
-
-        reader = open_cache(from_cache, cache_dir=cache_dir)
-        run = load_run(run_dir, from_audio=False, cache_layer=reader.meta["layers"], model=model)
-        check_run_store(run_dir, run.info, reader.meta)
-        return run, CacheSource(reader), reader.table, f"{from_cache} (manifest table)", set(reader.ids)
-    loaded_manifest = load_manifest(manifest, audio_root=audio_root)
-    run = load_run(run_dir, from_audio=True, model=model)
-    paths = {u.id: u.path for u in loaded_manifest.utterances}
-    source = AudioSource(paths, run.model.backbone, run.feature_extractor)
-    return run, source, loaded_manifest.table, manifest, set(paths)
-
-
-def check_run_store(run_dir: str, info: dict, meta: dict) -> None:
-    from cachegen.errors import StoreMismatch
-    if info.get("model_sha256") and meta["model_sha256"] != info["model_sha256"]:
-        raise StoreMismatch(f"{run_dir} was trained on weights sha256 {info['model_sha256'][:12]}…, "
-                            f"the store on {meta['model_sha256'][:12]}…: they do not belong together")

@@ -19,6 +19,38 @@ class TrainingDiverged(SerError):
     """The loss stayed NaN/Inf."""
 
 
+def make_optimizer(model, *, lr: float, head_lr: float, weight_decay: float, warmup_steps: int,
+                   total_steps: int):
+    """AdamW over what learns (the head at `head_lr`, the rest at `lr`) and a linear schedule with
+    warm-up: (optimizer, scheduler)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
+    body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    optimizer = torch.optim.AdamW([{"params": body, "lr": lr}, {"params": head, "lr": head_lr}],
+                                  weight_decay=weight_decay)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+
+
+def train_step(batch, *, model, optimizer, scheduler, accelerator, loss_fn: Callable, clip: float):
+    """One optimisation step on a batch already on the device: forward (autocast), loss,
+    backward, gradient clipping, optimizer and scheduler step. Returns the loss, or None when it
+    was NaN/Inf (then nothing is updated)."""
+    with accelerator.autocast():
+        pred = model(batch.inputs, batch.mask)  # (B, targets)
+    loss = loss_fn(pred, batch.targets)
+    if not torch.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    accelerator.backward(loss)
+    if clip:
+        accelerator.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def fit(*, model, optimizer, scheduler, accelerator, loss_fn: Callable, epochs: int, clip: float,
         train_batches: Callable[[int], Iterable], evaluate: Callable[[], dict],
         on_epoch: Callable[[dict, bool], None], early_stop: int | None = None,
@@ -48,13 +80,11 @@ def fit(*, model, optimizer, scheduler, accelerator, loss_fn: Callable, epochs: 
                    total=steps_per_epoch, dynamic_ncols=True,
                    disable=not progress or not accelerator.is_main_process, leave=False)
         for batch in bar:
-            with accelerator.autocast():
-                pred = model(batch.inputs, batch.mask)  # (B, targets)
-            loss = loss_fn(pred, batch.targets)
-            if not torch.isfinite(loss):
+            loss = train_step(batch, model=model, optimizer=optimizer, scheduler=scheduler,
+                              accelerator=accelerator, loss_fn=loss_fn, clip=clip)
+            if loss is None:
                 skipped += 1
                 bad_in_a_row += 1
-                optimizer.zero_grad(set_to_none=True)
                 if bad_in_a_row >= MAX_BAD_STEPS:
                     raise TrainingDiverged(
                         f"loss was NaN/Inf for {bad_in_a_row} steps in a row (epoch {epoch + 1}); "
@@ -62,12 +92,6 @@ def fit(*, model, optimizer, scheduler, accelerator, loss_fn: Callable, epochs: 
                         "checkpoint so far is kept")
                 continue
             bad_in_a_row = 0
-            accelerator.backward(loss)
-            if clip:
-                accelerator.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.item()
             steps += 1
             seen += len(batch.ids)

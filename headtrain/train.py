@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cachegen.errors import ConfigError, StoreMismatch
+from cachegen.errors import ConfigError
 
 from .data import Batching
-from .labels import Split, drop_failed, drop_unusable, load_splits, read_labels
+from .labels import Split, load_splits
 from .spec import ModelSpec, Strategy
 
 log = logging.getLogger(__name__)
@@ -190,52 +190,6 @@ def standardisation(split: Split) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.where(std > 0, std, 1.0)
 
 
-def open_sources(config: TrainConfig):
-    """(source, labels table and its name, LoadedModel, cache layer, store meta) for a config."""
-    from cachegen.manifest import load_manifest
-    from cachegen.encoder import DEFAULT_MODEL, load_model
-
-    from .data import AudioSource, CacheSource
-
-    if config.from_cache:
-        from cachegen import open_cache
-
-        reader = open_cache(config.from_cache, cache_dir=config.cache_dir)
-        meta = reader.meta
-        loaded = load_model(config.model or meta["model_id"])
-        check_store_matches(reader.location, meta, loaded)
-        table, table_name = reader.table, f"{config.from_cache} (manifest table)"
-        source, cache_layer = CacheSource(reader, preload=config.preload), meta["layers"]
-    else:
-        manifest = load_manifest(config.manifest, audio_root=config.audio_root)
-        loaded = load_model(config.model or DEFAULT_MODEL)
-        table, table_name = manifest.table, config.manifest
-        paths = {u.id: u.path for u in manifest.utterances}
-        source, cache_layer, meta = AudioSource(paths, loaded.model, loaded.feature_extractor), 0, None
-    if config.labels:
-        table, table_name = read_labels(config.labels), config.labels
-    table = drop_failed(table, meta) if meta is not None else drop_unusable(table, source)
-    return source, table, table_name, loaded, cache_layer, meta
-
-
-def check_store_matches(location: str, meta: dict, loaded) -> None:
-    if meta["model_sha256"] != loaded.weights_sha256:
-        raise StoreMismatch(
-            f"{location} was built from weights sha256 {meta['model_sha256'][:12]}… but model "
-            f"'{loaded.model_id}' has {loaded.weights_sha256[:12]}…; pass --model with the checkpoint "
-            "the store was built from")
-    if meta.get("model_config_sha256", loaded.config_sha256) != loaded.config_sha256:
-        raise StoreMismatch(
-            f"{location} was built with another model config (activation, norms or geometry) than "
-            f"'{loaded.model_id}' has, though the weights match; pass --model with the checkpoint "
-            "folder the store was built from")
-    for field_name, value in (("hidden_size", loaded.hidden_size), ("num_hidden_layers", loaded.num_layers),
-                              ("do_stable_layer_norm", loaded.stable_layer_norm)):
-        if meta[field_name] != value:
-            raise StoreMismatch(f"{location}: store has {field_name}={meta[field_name]}, model "
-                                f"'{loaded.model_id}' has {value}")
-
-
 # Options that may differ when resuming: they change where and how fast, not what is computed.
 # Where the store, model and labels are may change; what they hold may not (checked by hash).
 RESUMABLE_CHANGES = {"progress", "workers", "preload", "device", "cache_dir", "resume", "overwrite", "out",
@@ -256,14 +210,15 @@ def train(config: TrainConfig) -> TrainResult:
 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_linear_schedule_with_warmup
+    from cachegen.encoder import load_model
 
     from cachegen.store import write_atomic
     from cachegen.build import library_versions
 
     from .data import iterate_batches, plan_batches
     from .evaluate import predict_split
-    from .loop import fit
+    from .inputs import Inputs
+    from .loop import fit, make_optimizer
     from .metrics import LOSSES, mean_ccc, target_metrics
     from .parallel import global_loss, local_plan
     from .plots import plot_curves
@@ -277,16 +232,19 @@ def train(config: TrainConfig) -> TrainResult:
     replaced = run_files_in_the_way(run_dir, resume=config.resume, overwrite=config.overwrite)
     accelerator = Accelerator(mixed_precision=config.resolved_amp, cpu=config.resolved_device == "cpu")
     strategy = config.resolved_strategy
-    source, table, table_name, loaded, cache_layer, store_meta = open_sources(config)
+    inputs = Inputs.open(from_cache=config.from_cache, manifest=config.manifest, labels=config.labels,
+                         cache_dir=config.cache_dir, audio_root=config.audio_root, preload=config.preload)
+    loaded = load_model(config.model or inputs.model_id)
+    inputs.check_model(loaded)
+    source, cache_layer, store_meta = inputs.source(loaded.model, loaded.feature_extractor), inputs.cache_layer, inputs.meta
     layers = loaded.num_layers
     top_layers = layers if strategy.trains_every_layer else config.top_layers
     if top_layers > layers - cache_layer:
         raise ConfigError(f"--top-layers {config.top_layers} is larger than the {layers - cache_layer} "
                           f"layers above the cache (layer {cache_layer} of {layers}); use at most "
                           f"{layers - cache_layer}, or a store built with fewer --layers")
-    available = set(source.reader.ids) if source.kind == "states" else set(source.paths) - set(source.unusable)
-    splits = load_splits(table, source=table_name, targets=list(config.targets),
-                         splits=[config.train_split, config.dev_split], available=available,
+    splits = load_splits(inputs.table, source=inputs.table_name, targets=list(config.targets),
+                         splits=[config.train_split, config.dev_split], available=inputs.available,
                          label_range=config.label_range)
     train_split, dev_split = splits[config.train_split], splits[config.dev_split]
     mean, std = standardisation(train_split)
@@ -299,12 +257,6 @@ def train(config: TrainConfig) -> TrainResult:
     model = EmotionModel.from_spec(loaded.model, spec, from_audio=config.from_audio,
                                    cache_layer=cache_layer, dropout=config.dropout)
     trainable, _ = count_parameters(model)
-    head_params = [p for p in model.head.parameters()]
-    body_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
-    optimizer = torch.optim.AdamW([
-        {"params": body_params, "lr": config.lr},
-        {"params": head_params, "lr": config.head_lr},
-    ], weight_decay=config.weight_decay)
     processes, process = accelerator.num_processes, accelerator.process_index
     train_lengths = [source.length(uid) for uid in train_split.ids]
     global_batch = config.batch_size * processes
@@ -315,8 +267,10 @@ def train(config: TrainConfig) -> TrainResult:
         return local_plan(plan, process, processes)
 
     steps_per_epoch = len(epoch_plan(0))
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(config.warmup * steps_per_epoch * config.epochs), steps_per_epoch * config.epochs)
+    optimizer, scheduler = make_optimizer(
+        model, lr=config.lr, head_lr=config.head_lr, weight_decay=config.weight_decay,
+        warmup_steps=int(config.warmup * steps_per_epoch * config.epochs),
+        total_steps=steps_per_epoch * config.epochs)
     # the scheduler stays unprepared: accelerate would step it once per process, but every
     # process takes one step of the same global batch
     model, optimizer = accelerator.prepare(model, optimizer)

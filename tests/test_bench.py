@@ -1,6 +1,9 @@
 """`ser bench` runs every strategy and reports the documented JSON (its numbers are not judged)."""
 
 import json
+from dataclasses import asdict
+
+import pytest
 
 from conftest import run_cli
 
@@ -69,3 +72,61 @@ def test_data_wait_is_the_share_of_the_loop_blocked_on_the_next_batch():
     for _ in hidden:
         clock.now += 2.0
     assert hidden.share(4.0) == 0.0
+
+
+def linear_warmup_lr(base: float, step: int, warmup: int, total: int) -> float:
+    """The learning rate of a linear schedule with warm-up: 0 -> base over `warmup` steps, then
+    down to 0 at `total`."""
+    return base * step / warmup if step < warmup else base * max(0.0, (total - step) / (total - warmup))
+
+
+@pytest.mark.parametrize("caller", ["bench", "train"])
+def test_bench_steps_clip_and_schedule_like_ser_train(caller, tiny_model, corpus, built_store, tmp_path):
+    """Every optimiser step of `ser bench` and of `ser train` sees gradients clipped to
+    --clip (norm exactly the clip when the loss's gradient is larger) and learning rates that
+    follow the warm-up schedule, for the layers and the head: bench times train's step."""
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from headtrain.bench import BenchConfig, measure
+    from headtrain.data import plan_batches
+    from headtrain.train import TrainConfig, train
+    from cachegen import open_cache
+
+    defaults = TrainConfig(out=str(tmp_path / "run"), from_cache=built_store, top_layers=2, epochs=2,
+                           batch_size=4, workers=0, progress=False)
+    steps = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad.detach().flatten() for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        steps.append(([group["lr"] for group in optimizer.param_groups], torch.cat(grads).norm().item()))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    hook = register_optimizer_step_pre_hook(record)
+    try:
+        if caller == "bench":
+            reader = open_cache(built_store)
+            ids = list(reader.ids)
+            plan = plan_batches([reader.frames(u) for u in ids], batch_size=4, seed=0, epoch=0)
+            plan = (plan + plan)[:10]
+            config = BenchConfig(manifest=corpus, model=tiny_model, layers=2, top_layers=2, batch_size=4,
+                                 steps=8, warmup_steps=2)
+            measure({"config": asdict(config), "strategy": "cached", "from_audio": False, "store": built_store,
+                     "paths": {}, "ids": ids, "plan": plan, "device": "cpu"})
+        else:
+            train(defaults)
+    finally:
+        hook.remove()
+        torch.set_num_threads(threads)
+    total = 10  # bench: 2 warm-up + 8 timed steps; train: 2 epochs of ceil(18 / 4) batches
+    assert len(steps) == total
+    warmup = int(defaults.warmup * total)
+    assert warmup >= 1
+    for i, (lrs, _) in enumerate(steps):
+        assert lrs == pytest.approx([linear_warmup_lr(defaults.lr, i, warmup, total),
+                                     linear_warmup_lr(defaults.head_lr, i, warmup, total)], rel=1e-6), i
+    norms = [norm for _, norm in steps]
+    assert max(norms) <= defaults.clip * (1 + 1e-4)
+    assert any(abs(norm - defaults.clip) < 1e-4 for norm in norms), norms  # clipping acted
