@@ -6,8 +6,10 @@ import errno
 import hashlib
 import logging
 import os
+import queue
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -237,11 +239,15 @@ def take_locks(config: BuildConfig, rank: int, state) -> list[BuildLock]:
     return []
 
 
-def decode(utterance: Utterance, feature_extractor, min_samples: int, max_seconds: float | None = None):
-    """Decoded and normalised samples, or the AudioError that explains why not."""
+def decode(utterance: Utterance, feature_extractor, min_samples: int, max_seconds: float | None = None,
+           *, header_seconds: float | None = None):
+    """Decoded and normalised samples, or the AudioError that explains why not.
+    `header_seconds`: the duration `audio_seconds` already read from the file's header."""
     try:
-        if max_seconds and audio_seconds(utterance.path) > max_seconds:  # not even decoded
-            raise too_long(utterance, audio_seconds(utterance.path), max_seconds)
+        if max_seconds:
+            header = audio_seconds(utterance.path) if header_seconds is None else header_seconds
+            if header > max_seconds:  # not even decoded
+                raise too_long(utterance, header, max_seconds)
         stat = os.stat(utterance.path)  # before reading: a later change shows as a new mtime
         samples, source_rate, digest = load_audio(utterance.path)
         if max_seconds and samples.shape[0] > max_seconds * SAMPLE_RATE:  # its header understated it
@@ -249,11 +255,10 @@ def decode(utterance: Utterance, feature_extractor, min_samples: int, max_second
         if samples.shape[0] < min_samples:
             raise AudioError(f"{utterance.path}: {samples.shape[0]} samples at 16 kHz, shorter than "
                              f"the model's receptive field ({min_samples} samples)")
-        normalised = feature_extractor(samples, sampling_rate=SAMPLE_RATE,
-                                       return_tensors="np").input_values[0]
+        normalised = normalise(feature_extractor, samples)
         if not np.isfinite(normalised).all():
             raise AudioError(f"{utterance.path}: normalisation produced NaN/Inf")
-        return normalised.astype(np.float32), {"source_rate": source_rate, "audio_sha256": digest,
+        return normalised.astype(np.float32, copy=False), {"source_rate": source_rate, "audio_sha256": digest,
                                                "seconds": samples.shape[0] / SAMPLE_RATE,
                                                "audio_bytes": stat.st_size,
                                                "audio_mtime_ns": stat.st_mtime_ns}
@@ -261,6 +266,19 @@ def decode(utterance: Utterance, feature_extractor, min_samples: int, max_second
         return AudioError(f"{utterance.path}: cannot read: {err.strerror}"), None
     except AudioError as err:
         return err, None
+
+
+def normalise(feature_extractor, samples: np.ndarray) -> np.ndarray:
+    """What the model's feature extractor makes of one utterance's 16 kHz float32 samples. For
+    wav2vec2's own extractor (every supported family's), its normalisation is called directly:
+    the same values without `__call__`'s batching and padding, which cost as much again."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    if type(feature_extractor) is not Wav2Vec2FeatureExtractor or feature_extractor.sampling_rate != SAMPLE_RATE:
+        return feature_extractor(samples, sampling_rate=SAMPLE_RATE, return_tensors="np").input_values[0]
+    if feature_extractor.do_normalize:
+        return feature_extractor.zero_mean_unit_var_norm([samples], None)[0]
+    return samples
 
 
 def too_long(utterance: Utterance, seconds: float, max_seconds: float) -> AudioError:
@@ -422,14 +440,28 @@ def _build(config: BuildConfig, manifest, loaded: LoadedModel, meta: dict, *, ra
     started = time.perf_counter()
     decoder = ThreadPoolExecutor(max_workers=max(1, config.workers))
     fe, min_samples = loaded.feature_extractor, loaded.receptive_field
+
+    def store_batch(items: list, states: list, stats: list) -> None:
+        for (utterance, info), hidden, stat in zip(items, states, stats):
+            if utterance.id in writer.committed:
+                continue
+            writer.add({"id": utterance.id, **info}, to_storage(hidden, config.dtype), stat)
+            summary.cached += 1
+            summary.audio_hours += info["seconds"] / 3600
+            bar.update(1)
+            bar.set_postfix(hours=f"{summary.audio_hours:.2f}", refresh=False)
+
+    stage = WriteStage(store_batch)
     try:
         ahead = 2 + config.workers // max(1, config.batch_size)
-        futures = [[decoder.submit(decode, u, fe, min_samples, config.max_seconds) for u in b]
-                   for b in batches[:ahead]]
+        def submit(batch: list[Utterance]) -> list:
+            return [decoder.submit(decode, u, fe, min_samples, config.max_seconds,
+                                   header_seconds=seconds[u.id]) for u in batch]
+
+        futures = [submit(b) for b in batches[:ahead]]
         for i, batch in enumerate(batches):
             if i + ahead < len(batches):
-                futures.append([decoder.submit(decode, u, fe, min_samples, config.max_seconds)
-                                for u in batches[i + ahead]])
+                futures.append(submit(batches[i + ahead]))
             results = [f.result() for f in futures[i]]
             futures[i] = None
             good = []
@@ -444,20 +476,14 @@ def _build(config: BuildConfig, manifest, loaded: LoadedModel, meta: dict, *, ra
                 good.append((utterance, samples, info))
             if good:
                 states, stats, good = run_lower(lower, good, summary, writer, pooled=bool(pooled))
-                for (utterance, _, info), hidden, stat in zip(good, states, stats):
-                    if utterance.id in writer.committed:
-                        continue
-                    writer.add({"id": utterance.id, **info}, to_storage(hidden, config.dtype), stat)
-                    summary.cached += 1
-                    summary.audio_hours += info["seconds"] / 3600
-                    bar.update(1)
-                    bar.set_postfix(hours=f"{summary.audio_hours:.2f}", refresh=False)
+                stage.put([(utterance, info) for utterance, _, info in good], states, stats)
             if state is not None and shown and time.perf_counter() - polled > 1:
                 # one bar for all processes: their commits, counted from record names
                 polled = time.perf_counter()
                 others = committed_count(Path(config.out)) - building_at_start - summary.cached
                 bar.n = min(todo_all, summary.cached + len(summary.failed) + max(0, others))
                 bar.refresh()
+        stage.close()
         writer.flush()
         writer.wait()
     except OSError as err:
@@ -466,6 +492,7 @@ def _build(config: BuildConfig, manifest, loaded: LoadedModel, meta: dict, *, ra
                              "- free space and rerun the same command to resume") from None
         raise StoreError(f"{config.out}: cannot write: {err}") from None
     finally:
+        stage.close(abort=True)  # after an error: what it holds is uncommitted, a rerun redoes it
         decoder.shutdown(wait=False, cancel_futures=True)
         if state is not None:
             bar.n = todo_all
@@ -493,6 +520,49 @@ def _build(config: BuildConfig, manifest, loaded: LoadedModel, meta: dict, *, ra
     summary.part = config.part
     summary.main = main or config.part is not None
     return summary
+
+
+class WriteStage:
+    """Conversion to the storage dtype, checksums and writes on a thread of their own, fed batch
+    by batch through a bounded queue: the forward pass of the next batch runs while this one is
+    stored, and at most `depth` computed batches wait (memory stays bounded). Batches are stored
+    in the order they are put, so a store's bytes do not depend on the timing."""
+
+    def __init__(self, store_batch, *, depth: int = 2):
+        self.store_batch = store_batch
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.aborted = False
+        self.thread = threading.Thread(target=self._run, name="ser-store", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None and not self.aborted:
+                try:
+                    self.store_batch(*item)
+                except BaseException as err:  # raised in the building thread by put / close
+                    self.error = err
+
+    def put(self, *item) -> None:
+        """Queue a batch (blocks while `depth` wait); raises the error of an earlier batch."""
+        self._raise()
+        self.queue.put(item)
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            self.aborted = True
+            raise error
+
+    def close(self, *, abort: bool = False) -> None:
+        """Store what is queued (or, with `abort`, drop it) and stop; raises a batch's error."""
+        if self.thread.is_alive():
+            self.aborted = self.aborted or abort
+            self.queue.put(None)
+            self.thread.join()
+        if not abort:
+            self._raise()
 
 
 def out_of_memory(err: BaseException) -> bool:

@@ -112,6 +112,14 @@ def worker(args) -> None:
     from headtrain.data import CacheSource, iterate_batches, plan_batches
 
     workdir = Path(args.workdir)
+    if args.only == "build":
+        from cachegen import build
+
+        out = {"code": args.label, "build": build_side(args, workdir)}
+        if hasattr(build, "normalise") and args.parts:  # this checkout's steps, one by one
+            out["parts"] = build_parts(args, workdir)
+        print(json.dumps(out))
+        return
     with np.load(args.states) as saved:
         states = {k: saved[k] for k in saved.files}
     half = {k: v.astype(np.float16) for k, v in states.items()}
@@ -199,60 +207,142 @@ def worker(args) -> None:
 
 
 class StandInForward:
-    """The lower stack replaced by states of the right shape (windows of a fixed bank of
-    noise): the build's every other step runs as it would on a GPU that costs nothing."""
+    """The lower stack replaced by states of the right shape: a fresh float32 copy of a window
+    of a fixed bank of noise per utterance (what `.float().cpu()` hands over after a GPU
+    forward), so the build's every other step runs as it would on a GPU that costs nothing."""
 
     def __init__(self, model, layers: int, *, device: str = "cpu"):
         from cachegen.encoder import frame_counts
 
-        self.model, self.frame_counts = model, frame_counts
-        self.bank = np.random.default_rng(0).standard_normal((4096, model.config.hidden_size), dtype=np.float32)
+        self.model, self.frame_counts, self.offset = model, frame_counts, 0
+        self.bank = np.random.default_rng(0).standard_normal((8192, model.config.hidden_size), dtype=np.float32)
 
     def __call__(self, waveforms):
         import torch
 
-        counts = self.frame_counts(self.model, [len(w) for w in waveforms])
-        return [torch.from_numpy(np.resize(self.bank, (n, self.bank.shape[1]))) for n in counts]
+        out = []
+        for n in self.frame_counts(self.model, [len(w) for w in waveforms]):
+            self.offset = (self.offset + 997) % (len(self.bank) // 2)  # other values each time
+            window = self.bank[self.offset:self.offset + n]
+            out.append(torch.from_numpy(window.copy() if len(window) == n
+                                        else np.resize(self.bank, (n, self.bank.shape[1]))))
+        return out
+
+
+BUILD_RATES = {"16 kHz": (16000,), "16+44.1 kHz": (16000, 44100)}
+
+
+def build_corpus(args, workdir: Path, rates: tuple[int, ...]) -> Path:
+    from cachegen.testing import synth_corpus
+
+    corpus = workdir / f"build-audio-{'-'.join(map(str, rates))}-{args.build_utterances}"
+    if not (corpus / "manifest.csv").exists():
+        synth_corpus(corpus, utterances=args.build_utterances, seconds=(3, 11), seed=args.seed,
+                     sample_rates=rates)
+    return corpus / "manifest.csv"
 
 
 def build_side(args, workdir: Path) -> dict:
     """`build_cache` with the forward replaced by StandInForward: x real time of the loop
-    (decode, resample, normalise, convert, checksum, compress, write, commit, finalise)."""
+    (decode, resample, normalise, convert, checksum, compress, write, commit, finalise), and
+    the CPU seconds the process spent in it (both cores count)."""
     import torch
 
     torch.set_num_threads(1)
     import cachegen.encoder
     from cachegen.build import BuildConfig, build_cache
-    from cachegen.testing import base_config, save_model, synth_corpus
+    from cachegen.testing import base_config, save_model
 
     model = workdir / "base-model"
     if not (model / "config.json").exists():
         save_model(model, base_config(), seed=args.seed)
     cachegen.encoder.LowerStack = StandInForward  # build_cache imports it at call time
     out = {}
-    for rates in ((16000,), (16000, 44100)):
-        name = "+".join(f"{r / 1000:g} kHz" for r in rates)
-        corpus = workdir / f"build-audio-{'-'.join(map(str, rates))}"
-        if not (corpus / "manifest.csv").exists():
-            synth_corpus(corpus, utterances=args.build_utterances, seconds=(3, 11), seed=args.seed,
-                         sample_rates=rates)
+    for name, rates in BUILD_RATES.items():
+        manifest = build_corpus(args, workdir, rates)
         best = None
         for _ in range(args.repeats):
-            summary = build_cache(BuildConfig(manifest=str(corpus / "manifest.csv"), out=str(workdir / "build.zarr"),
+            cpu = time.process_time()
+            summary = build_cache(BuildConfig(manifest=str(manifest), out=str(workdir / "build.zarr"),
                                               model=str(model), layers=9, batch_size=8, overwrite=True,
                                               progress=False, workers=2, device="cpu"))
             x = summary.audio_hours * 3600 / summary.seconds
-            best = x if best is None else max(best, x)
-        out[name] = {"x_real_time": best, "audio_seconds": summary.audio_hours * 3600}
+            if best is None or x > best[0]:
+                best = x, time.process_time() - cpu
+        out[name] = {"x_real_time": best[0], "cpu_seconds": best[1],
+                     "audio_seconds": summary.audio_hours * 3600}
     return out
 
 
-def run_code(label: str, code: Path, args, states: Path) -> dict:
+def build_parts(args, workdir: Path) -> dict:
+    """Each step of the build alone, one thread, over the same files: x real time per CPU
+    second (process time), so that a step's cost does not depend on the load of the moment."""
+    import hashlib
+
+    import soxr
+    import torch
+
+    torch.set_num_threads(1)
+    from cachegen import store
+    from cachegen.audio import load_audio
+    from cachegen.build import normalise
+    from cachegen.encoder import load_model
+    from cachegen.manifest import load_manifest
+
+    loaded = load_model(str(workdir / "base-model"))
+    out = {}
+    for name, rates in BUILD_RATES.items():
+        paths = [u.path for u in load_manifest(str(build_corpus(args, workdir, rates))).utterances]
+        steps, cost = {}, {}
+
+        def step(label, fn, items):
+            started = time.process_time()
+            result = [fn(x) for x in items]
+            cost[label] = time.process_time() - started
+            return result
+
+        datas = step("read the file", lambda p: Path(p).read_bytes(), paths)
+        step("sha256 of the file", lambda d: hashlib.sha256(d).hexdigest(), datas)
+        decoded = [load_audio(p) for p in paths]  # warm
+        decoded = step("decode + resample (load_audio, includes the two above)", load_audio, paths)
+        seconds = sum(len(d[0]) for d in decoded) / 16000
+        native = [soxr.resample(d[0], 16000, d[1], quality="HQ") for d in decoded if d[1] != 16000]
+        if native:
+            step("of which resample to 16 kHz (soxr HQ)",
+                 lambda x: soxr.resample(x[1], x[0], 16000, quality="HQ"),
+                 [(d[1], x) for d, x in zip([d for d in decoded if d[1] != 16000], native)])
+        normalised = step("normalise", lambda d: normalise(loaded.feature_extractor, d[0]), decoded)
+        forward = StandInForward(loaded.model, 9)
+        states = step("stand-in forward (a float32 copy)", lambda w: forward([w])[0], normalised)
+        half = step("convert to float16", lambda s: store.to_storage(s, "float16"), states)
+        step("checksum (CRC-32C)", lambda h: store.checksum(h), half)
+        path = workdir / "parts.zarr"
+        import shutil
+        shutil.rmtree(path, ignore_errors=True)
+        meta = {"format": store.FORMAT, "format_version": store.FORMAT_VERSION, "dtype": "float16",
+                "hidden_size": 768, "chunk_frames": 32, "compression": "none", "checksum": "crc32c",
+                "shard_frames": store.default_shard_frames(768, "float16", 32), "layers": 9}
+        writer = store.StoreWriter(path, meta)
+        started, wall = time.process_time(), time.perf_counter()
+        for k, h in enumerate(half):
+            writer.add({"id": f"u{k}", "seconds": 1.0, "source_rate": 16000, "audio_sha256": ""}, h)
+        writer.flush()
+        writer.wait()
+        cost["write shards + commit records (StoreWriter, incl. its checksum)"] = time.process_time() - started
+        writer.close()
+        steps = {label: seconds / spent for label, spent in cost.items() if spent > 0}
+        out[name] = {"x_real_time_per_cpu_second": steps, "audio_seconds": seconds}
+    return out
+
+
+def run_code(label: str, code: Path, args, states: Path | None, *, repeats: int | None = None,
+             parts: bool = False) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(HERE / "bench_feed.py"), "--workdir", args.workdir, "--repeats",
-               str(args.repeats), "--seed", str(args.seed), "--build-utterances",
-               str(args.build_utterances), "worker", "--label", label,
-               "--states", str(states)]
+               str(repeats or args.repeats), "--seed", str(args.seed), "--build-utterances",
+               str(args.build_utterances), *(["--only", args.only] if args.only else []),
+               *(["--parts"] if parts else []), "worker", "--label", label,
+               "--states", str(states or "")]
     done = subprocess.run(command, env=env, cwd=code, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"{label} failed:\n{done.stderr[-3000:]}")
@@ -305,6 +395,10 @@ def main() -> None:
     work.add_argument("--label", required=True)
     work.add_argument("--states", required=True)
     parser.add_argument("--before", default=None, help="git commit to measure as 'before'")
+    parser.add_argument("--only", choices=["build"], default=None,
+                        help="measure only the build with a stand-in forward: each code version "
+                             "--repeats times, alternating (best of each), then each step alone")
+    parser.add_argument("--parts", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.command == "worker":
         worker(args)
@@ -312,7 +406,6 @@ def main() -> None:
     load = os.getloadavg()[0]
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    states = states_file(workdir, args.hours, args.seed)
     codes = []
     if args.before:
         before = workdir / f"code-{args.before}"
@@ -322,12 +415,46 @@ def main() -> None:
             subprocess.run(["tar", "-x", "-C", str(before)], input=archive.stdout, check=True)
         codes.append((f"before ({args.before})", before))
     codes.append(("after (this checkout)", ROOT))
+    if args.only == "build":
+        build_only(args, codes, load)
+        return
+    states = states_file(workdir, args.hours, args.seed)
     results = [run_code(label, code, args, states) for label, code in codes]
     (workdir / "bench_feed.json").write_text(json.dumps(results, indent=2))
     print(f"{results[-1]['utterances']} utterances of 3-11 s, {results[-1]['raw_mib']:.0f} MiB float16; "
           f"medians (batches, compression, build: best) of {args.repeats}; page cache warm; "
           f"1-minute load average at the start {load:.1f}\n")
     print(table(results))
+
+
+def build_only(args, codes: list, load: float) -> None:
+    """Before and after in alternation (one build per subprocess and corpus, `--repeats`
+    rounds), the best of each; then the steps of this checkout one by one."""
+    rounds = []
+    for _ in range(args.repeats):
+        rounds.append([run_code(label, code, args, None, repeats=1) for label, code in codes])
+    loads = os.getloadavg()
+    parts = run_code(codes[-1][0], codes[-1][1], args, None, repeats=1, parts=True)["parts"]
+    results = {"load_average_start": load, "load_average_end": list(loads), "rounds": rounds, "parts": parts}
+    (Path(args.workdir) / "bench_feed_build.json").write_text(json.dumps(results, indent=2))
+    print(f"1-minute load average {load:.1f} at the start, {loads[0]:.1f} at the end; best of "
+          f"{args.repeats} alternating rounds\n")
+    print("| audio | " + " | ".join(label for label, _ in codes) + " | after / before |")
+    print("|---|" + "---|" * len(codes) + "---|")
+    for name in BUILD_RATES:
+        best = [max(r[k]["build"][name]["x_real_time"] for r in rounds) for k in range(len(codes))]
+        seconds = rounds[0][-1]["build"][name]["audio_seconds"]
+        cells = " | ".join(f"{x:,.0f}x" for x in best)
+        print(f"| {name} ({seconds / 60:.0f} min, {args.build_utterances} files) | {cells} | "
+              f"{best[-1] / best[0]:.1f}x |")
+    for name, part in parts.items():
+        steps = part["x_real_time_per_cpu_second"]
+        print(f"\n{name}: each step alone, x real time per CPU second (one thread)\n")
+        print("| step | x real time |\n|---|---|")
+        for label, x in steps.items():
+            print(f"| {label} | {x:,.0f}x |")
+        chain = [x for label, x in steps.items() if not label.startswith(("read", "sha256", "of which", "checksum"))]
+        print(f"| **all steps, one core** | {1 / sum(1 / x for x in chain):,.0f}x |")
 
 
 if __name__ == "__main__":

@@ -306,28 +306,44 @@ def test_other_preprocessing_is_refused(built_store, tiny_model, corpus, tmp_pat
     assert result.exit_code == 1 and "preprocessing: store has" in result.stderr
 
 
-def test_disk_full_while_writing_a_shard(tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("compression", ["none", "lz4"])  # shard files written by ser / by zarr
+def test_disk_full_while_writing_a_shard(compression, tiny_model, tmp_path, monkeypatch):
     import zarr
+
+    from cachegen.store import StoreWriter
 
     manifest = synth_corpus(tmp_path / "c", utterances=10, seconds=(0.5, 0.9))
     out = tmp_path / "s.zarr"
     config = BuildConfig(manifest=str(manifest), out=str(out), model=tiny_model, layers=1,
-                         batch_size=1, shard_frames=64, chunk_frames=64, progress=False)  # one per shard
-    real_set, shards = zarr.storage.LocalStore.set, {"n": 0}
+                         batch_size=1, shard_frames=64, chunk_frames=64, progress=False,
+                         compression=compression)  # one per shard
+    shards = {"n": 0}
 
-    async def filling_disk(self, key, value):
-        if "/c/" in key:
-            shards["n"] += 1
-            if shards["n"] > 3:
-                raise OSError(errno.ENOSPC, "No space left on device")
-        return await real_set(self, key, value)
+    def full_after_three():
+        shards["n"] += 1
+        if shards["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(zarr.storage.LocalStore, "set", filling_disk)
+    if compression == "none":
+        real, owner, name = StoreWriter._write_shard, StoreWriter, "_write_shard"
+
+        def filling_disk(self, shard, rows):
+            full_after_three()
+            return real(self, shard, rows)
+    else:
+        real, owner, name = zarr.storage.LocalStore.set, zarr.storage.LocalStore, "set"
+
+        async def filling_disk(self, key, value):
+            if "/c/" in key:
+                full_after_three()
+            return await real(self, key, value)
+
+    monkeypatch.setattr(owner, name, filling_disk)
     with pytest.raises(StoreError, match="disk full"):
         build_cache(config)
     reader = open_cache(out)
     assert len(reader) == 3 and all(reader[uid].shape[0] > 0 for uid in reader.ids)
-    monkeypatch.setattr(zarr.storage.LocalStore, "set", real_set)
+    monkeypatch.setattr(owner, name, real)
     summary = build_cache(config)
     assert summary.already == 3 and summary.cached == 7
     assert run_cli("cache", "verify", out).exit_code == 0
