@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 
 from .errors import ConfigError, SerError, StoreCorrupt, StoreError, UnsafeInput
 from .store import (ALLOWED_CODECS, CHECKSUMS, FORMAT, INDEX_OPTIONAL, INDEX_SCHEMA, POOLED_CRC,
-                    READABLE_VERSIONS, STORAGE_DTYPES, _quiet_zarr, check_meta, checksum,
-                    from_storage, pooled_shape, storage_width, write_atomic)
+                    READABLE_VERSIONS, STORAGE_DTYPES, check_meta, checksum, from_storage,
+                    pooled_shape, quiet_zarr, storage_width, write_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -924,7 +924,6 @@ class CacheReader:
     def __init__(self, location: str | Source, *, cache_dir: str | Path | None = None):
         import zarr
 
-        _quiet_zarr()
         self.source = location if isinstance(location, Source) else open_source(location, cache_dir=cache_dir)
         self.location = self.source.location
         try:
@@ -939,6 +938,7 @@ class CacheReader:
             self.source.close()
             raise
 
+    @quiet_zarr()
     def _open(self, zarr) -> None:
         location = self.location
         raw = self._read_small(ROOT)

@@ -23,6 +23,7 @@ import tempfile
 import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -71,11 +72,17 @@ def pooled_shape(meta: dict) -> tuple[int, int, int]:
     return len(meta["pooled_layers"]), 2, meta["hidden_size"]
 
 
-def _quiet_zarr():
-    """Consolidated metadata and the parquet files beside the arrays are deliberate."""
+@contextmanager
+def quiet_zarr():
+    """Within the block (or the decorated function), zarr does not warn about what ser does on
+    purpose (consolidated metadata, parquet files beside the arrays); the program's own warning
+    filters are restored afterwards."""
     import warnings
-    warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-    warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component")
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component")
+        yield
 
 
 def compressors(compression: str) -> list:
@@ -156,8 +163,18 @@ def aligned(frames: int, chunk_frames: int) -> int:
     return -(-frames // chunk_frames) * chunk_frames
 
 
-UMASK = os.umask(0o022)
-os.umask(UMASK)
+def current_umask() -> int:
+    """The process's umask now, read without changing it (Linux reports it in /proc); elsewhere
+    set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -167,7 +184,7 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; teammates must read a shared store
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; teammates must read a shared store
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -299,10 +316,10 @@ class StoreWriter:
     Several writers (processes or parts) may build one store at once, each in its own region.
     """
 
+    @quiet_zarr()
     def __init__(self, path: str | Path, meta: dict, *, writer: int = 0):
         import zarr
 
-        _quiet_zarr()
         self.path = Path(path)
         self.meta = meta
         self.dtype = meta["dtype"]
@@ -490,6 +507,7 @@ class StoreWriter:
             future, self.in_flight = self.in_flight, None
             future.result()
 
+    @quiet_zarr()
     def finalize(self, *, table: pa.Table | None, extra_meta: dict) -> None:
         """Merge committed records into index.parquet, write metadata, consolidate."""
         import zarr

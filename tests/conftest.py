@@ -41,10 +41,6 @@ def built_store(tmp_path_factory, tiny_model, corpus):
     return out
 
 
-def run_cli(*args):
-    """Run `ser ARGS` in-process; returns the click Result (exit_code, output, stderr)."""
-    from click.testing import CliRunner
-
-    from cli import main
-
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+# Test modules import helpers from tests/helpers.py. This name stays importable from conftest
+# only for test modules written on branches before helpers.py existed; do not use it in new ones.
+from helpers import run_cli  # noqa: E402,F401

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from headtrain import TrainConfig, train
+from headtrain import train
 from headtrain.analyze import ChangeConfig, analyze_change, linear_cka, recommend_cache_layer, LinearCKA
-from conftest import run_cli
+from helpers import quick, run_cli, transformers_states
 
 TARGETS = ("activation", "valence", "dominance")
 
@@ -23,13 +23,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def quick(**overrides):
-    options = dict(targets=TARGETS, top_layers=2, epochs=1, batch_size=4, dropout=0.0, warmup=0.0,
-                   seed=3, lr=1e-3, head_lr=1e-3, progress=False, workers=1)
-    options.update(overrides)
-    return TrainConfig(**options)
 
 
 def hsic_cka(x, y):
@@ -178,14 +171,13 @@ def pooled_store(tiny_model, corpus, tmp_path_factory):
 @pytest.mark.parametrize("variant", ["tiny_model", "stable_model"])
 def test_pooled_statistics_equal_numpy_of_stored_states_and_of_transformers(variant, corpus, tmp_path, request):
     from cachegen import open_cache
-    from test_equivalence import all_reference_states  # transformers alone, one utterance at a time
 
     model_dir = request.getfixturevalue(variant)
     store = build_pooled(corpus, model_dir, tmp_path / "p.zarr", layers=4 if variant == "stable_model" else 2)
     reader = open_cache(store)
     layer = reader.meta["layers"]
     assert reader.pooled_layers == [0, 1, 2, 3, 4]
-    reference = all_reference_states(model_dir, corpus)
+    reference = transformers_states(model_dir, corpus)
     for uid in reader.ids:
         pooled = reader.pooled(uid)  # (layers, 2, hidden)
         assert pooled.shape == (5, 2, 32) and pooled.dtype == np.float32

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from headtrain import TrainConfig, train
-from conftest import run_cli
+from helpers import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from dataclasses import asdict
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 def test_bench_reports_every_strategy(tiny_model, corpus, tmp_path):

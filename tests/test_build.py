@@ -18,7 +18,7 @@ from cachegen import open_cache
 from cachegen.build import BuildConfig, build_cache
 from cachegen.errors import StoreCorrupt, StoreError
 from cachegen.testing import synth_corpus
-from conftest import run_cli
+from helpers import run_cli
 
 SER = [sys.executable, "-c", "from cli import main; main()"]
 

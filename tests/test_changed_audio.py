@@ -10,7 +10,7 @@ import soundfile as sf
 
 from cachegen import open_cache
 from cachegen.testing import synth_corpus
-from conftest import run_cli
+from helpers import run_cli
 
 
 def build(manifest, model, out, *extra):

@@ -1,40 +1,13 @@
 """Invariant 1: cached states equal transformers' own hidden_states[L], whatever L, the norm
 variant and the batch size."""
 
-import functools
-
 import numpy as np
 import pytest
 import torch
-from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from cachegen import open_cache
-from cachegen.audio import load_audio
 from cachegen.build import BuildConfig, build_cache
-from cachegen.manifest import load_manifest
-
-
-@functools.lru_cache(maxsize=4)
-def all_reference_states(model_dir, manifest):
-    """transformers alone: each utterance run on its own, eval mode; every layer's states."""
-    model = Wav2Vec2Model.from_pretrained(model_dir).eval()
-    fe = Wav2Vec2FeatureExtractor.from_pretrained(model_dir)
-    out = {}
-    for u in load_manifest(manifest).utterances:
-        samples, _, _ = load_audio(u.path)
-        values = fe(samples, sampling_rate=16000, return_tensors="pt").input_values
-        with torch.no_grad():
-            states = model(values, output_hidden_states=True).hidden_states
-        out[u.id] = [h[0].numpy() for h in states]
-    return out
-
-
-def reference_states(model_dir, manifest, layer):
-    return {uid: states[layer] for uid, states in all_reference_states(model_dir, manifest).items()}
-
-
-def max_relative_error(a, b):
-    return float(np.abs(a.astype(np.float64) - b).max() / np.abs(b).max())
+from helpers import max_relative_error, run_cli, transformers_states
 
 
 @pytest.mark.parametrize("variant", ["tiny_model", "stable_model"])
@@ -45,7 +18,7 @@ def test_float32_store_equals_transformers_for_every_layer(variant, batch_size, 
         out = tmp_path / f"l{layer}.zarr"
         build_cache(BuildConfig(manifest=corpus, out=str(out), model=model_dir, layers=layer,
                                 dtype="float32", batch_size=batch_size, progress=False))
-        reference = reference_states(model_dir, corpus, layer)
+        reference = {uid: states[layer] for uid, states in transformers_states(model_dir, corpus).items()}
         reader = open_cache(out)
         assert sorted(reader.ids) == sorted(reference)
         for uid, expected in reference.items():
@@ -84,31 +57,24 @@ def test_low_precision_stores_differ_only_by_rounding(dtype, tolerance, tiny_mod
         assert max_relative_error(got.astype(np.float32), reference) < tolerance
 
 
-def test_hubert_store_equals_transformers(corpus, tmp_path):
-    from transformers import HubertModel
+@pytest.mark.parametrize("stable_layer_norm,batch_size", [(False, 4), (True, 5)])
+def test_hubert_store_equals_transformers(stable_layer_norm, batch_size, corpus, tmp_path):
+    """HuBERT base's variant and large's (stable layer norm, layer-norm convolutions), batched."""
+    from cachegen.testing import save_model, tiny_family_config
 
-    from cachegen.testing import save_model, tiny_hubert_config
-
-    model_dir = save_model(tmp_path / "hubert", tiny_hubert_config())
-    model = HubertModel.from_pretrained(model_dir).eval()
-    fe = Wav2Vec2FeatureExtractor.from_pretrained(model_dir)
-    build_cache(BuildConfig(manifest=corpus, out=str(tmp_path / "h.zarr"), model=str(model_dir), layers=3,
-                            dtype="float32", batch_size=4, progress=False))
+    model_dir = str(save_model(tmp_path / "hubert", tiny_family_config("hubert", stable_layer_norm=stable_layer_norm)))
+    build_cache(BuildConfig(manifest=corpus, out=str(tmp_path / "h.zarr"), model=model_dir, layers=3,
+                            dtype="float32", batch_size=batch_size, progress=False))
     reader = open_cache(tmp_path / "h.zarr")
     assert reader.meta["model_type"] == "hubert"
-    for u in load_manifest(corpus).utterances[:8]:
-        samples, _, _ = load_audio(u.path)
-        with torch.no_grad():
-            values = fe(samples, sampling_rate=16000, return_tensors="pt").input_values
-            expected = model(values, output_hidden_states=True).hidden_states[3][0].numpy()
-        assert max_relative_error(reader[u.id], expected) < 1e-4
+    for uid, states in transformers_states(model_dir, corpus).items():
+        assert max_relative_error(reader[uid], states[3]) < 1e-4, uid
 
 
 def test_unsupported_model_type_is_refused_in_one_line(corpus, tmp_path):
     from transformers import SEWConfig
 
     from cachegen.testing import save_model
-    from conftest import run_cli
 
     # WavLM, refused here before it had a row in cachegen.encoder.FAMILIES, is supported now
     model_dir = save_model(tmp_path / "sew", SEWConfig(hidden_size=32, num_hidden_layers=2,
@@ -125,7 +91,7 @@ def test_int8_store_is_within_its_bound_of_transformers(tiny_model, corpus, tmp_
                             batch_size=4, progress=False))
     reader = open_cache(out)
     assert reader.meta["dtype"] == "int8"
-    for uid, expected in reference_states(tiny_model, corpus, 2).items():
+    for uid, expected in ((uid, states[2]) for uid, states in transformers_states(tiny_model, corpus).items()):
         got = reader[uid]
         assert got.dtype == np.float32 and got.shape == expected.shape
         bound = np.abs(expected).max(axis=1, keepdims=True) / 254

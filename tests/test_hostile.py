@@ -14,7 +14,7 @@ import pytest
 
 from cachegen import open_cache
 from cachegen.errors import StoreCorrupt
-from conftest import run_cli
+from helpers import run_cli
 from test_writers import read_only, tree
 
 

@@ -10,7 +10,7 @@ from cachegen import open_cache
 from cachegen.build import SECONDS_PER_SLOT, batches_in_order
 from cachegen.manifest import Utterance
 from cachegen.testing import synth_corpus
-from conftest import run_cli
+from helpers import run_cli
 
 
 def test_batches_are_planned_by_padded_audio():

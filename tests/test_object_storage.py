@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from helpers import run_cli
 from http_server import StaticServer
 from test_sharing import local_states, one_line_error
 

@@ -1,6 +1,5 @@
 """`ser predict` in batch use, and training from audio that holds unusable files (issue 11)."""
 
-import csv
 import errno
 import os
 import shutil
@@ -11,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from headtrain import TrainConfig, train
-from conftest import run_cli
+from helpers import read_csv, run_cli
 
 TARGETS = ("activation", "valence", "dominance")
 
@@ -22,11 +21,6 @@ def run_dir(built_store, tmp_path_factory):
     train(TrainConfig(out=str(out), from_cache=built_store, targets=TARGETS, top_layers=2, epochs=1,
                       batch_size=4, progress=False, workers=1))
     return out
-
-
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 def wav_folder(corpus):

@@ -11,7 +11,7 @@ from cachegen import open_cache
 from cachegen.build import BuildConfig, build_cache
 from cachegen.errors import StoreError
 from cachegen.reader import FsspecSource
-from conftest import run_cli
+from helpers import run_cli
 from faulty_http import FaultyServer
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from headtrain import TrainConfig, train
-from conftest import run_cli
+from helpers import run_cli
 
 QUICK = ["--top-layers", 2, "--batch-size", 4, "--targets", "activation,valence", "--workers", 1,
          "--no-progress"]

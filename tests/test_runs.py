@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from headtrain import TrainConfig, train
-from conftest import run_cli
+from helpers import run_cli
 
 OPTIONS = ["--top-layers", 2, "--batch-size", 4, "--lr", "1e-3", "--head-lr", "1e-3", "--dropout", 0,
            "--warmup", 0, "--seed", 3, "--targets", "activation,valence", "--workers", 1, "--no-progress"]

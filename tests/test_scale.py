@@ -122,7 +122,7 @@ def test_resumed_run_equals_uninterrupted(processes, tiny_model, tmp_path):
 
 
 def test_resume_refuses_changed_options(built_store, tmp_path):
-    from conftest import run_cli
+    from helpers import run_cli
 
     assert run_cli(*train_args(built_store, tmp_path / "r", 4, epochs=1)).exit_code == 0
     args = train_args(built_store, tmp_path / "r", 8, epochs=1)

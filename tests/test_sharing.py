@@ -14,7 +14,7 @@ import torch
 from cachegen import open_cache
 from cachegen.build import BuildConfig, build_cache
 from cachegen.errors import StoreCorrupt, StoreError
-from conftest import run_cli
+from helpers import run_cli
 from http_server import StaticServer
 
 
@@ -553,6 +553,7 @@ def test_training_from_http_and_zip_equals_training_from_disk(store, www, server
 
     from headtrain import EvaluateConfig, TrainConfig, evaluate, train
 
+    before = set(files_of(store).items())
     serve(store, www, "train.zarr")
     zipped = tmp_path / "s.zip"
     assert run_cli("cache", "pack", store, zipped).exit_code == 0
@@ -570,7 +571,6 @@ def test_training_from_http_and_zip_equals_training_from_disk(store, www, server
         assert runs[name].keys() == runs["disk"].keys()
         for key in runs["disk"]:
             assert torch.equal(runs[name][key], runs["disk"][key]), (name, key)
-    before = set(files_of(store).items())
     assert set(files_of(store).items()) == before  # nothing was written into the source
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from headtrain import EvaluateConfig, TrainConfig, evaluate, export, train
 from headtrain.spec import ModelSpec, Strategy
 

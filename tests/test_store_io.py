@@ -388,7 +388,7 @@ def test_resumed_build_equals_one_build_for_new_dtypes_and_compressions(tiny_mod
     """A build stopped after part 1 of 2 and resumed equals an uninterrupted build; the store
     records its dtype and compression, and `cache info` shows them."""
     from cachegen.build import BuildConfig, build_cache
-    from conftest import run_cli
+    from helpers import run_cli
 
     def build(out, **options):
         return build_cache(BuildConfig(manifest=corpus, out=str(out), model=tiny_model, layers=2,

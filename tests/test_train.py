@@ -1,7 +1,6 @@
 """Training from a cache and from audio, evaluation, prediction, export (issue 4; RELIABILITY
 items 10 and 12)."""
 
-import csv
 import json
 
 import numpy as np
@@ -12,17 +11,9 @@ from safetensors.torch import load_file
 from cachegen.errors import ManifestError
 from headtrain import EvaluateConfig, PredictConfig, TrainConfig, evaluate, predict, train
 from headtrain.metrics import ccc, ccc_loss, pearson
-from conftest import run_cli
+from helpers import assert_same_training, quick, read_csv, run_cli
 
 TARGETS = ("activation", "valence", "dominance")
-
-
-def quick(**overrides):
-    """One epoch, no dropout, no warmup, fixed seed: deterministic and small."""
-    options = dict(targets=TARGETS, top_layers=2, epochs=1, batch_size=4, dropout=0.0, warmup=0.0,
-                   seed=3, lr=1e-3, head_lr=1e-3, progress=False, workers=1)
-    options.update(overrides)
-    return TrainConfig(**options)
 
 
 @pytest.fixture(scope="module")
@@ -32,28 +23,10 @@ def cached_run(built_store, tmp_path_factory):
     return str(out), result
 
 
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 def test_cached_training_equals_partial_finetuning_on_audio(cached_run, built_store, tiny_model, corpus, tmp_path):
     partial = tmp_path / "partial"
     train(quick(out=str(partial), manifest=corpus, model=tiny_model, strategy="partial", epochs=2))
-    cached = load_file(f"{cached_run[0]}/model.safetensors")
-    audio = load_file(f"{partial}/model.safetensors")
-    assert cached.keys() == audio.keys()
-    assert {k.split(".")[2] for k in cached if k.startswith("encoder.layers.")} == {"2", "3"}
-    moved = 0
-    base = load_file(f"{tiny_model}/model.safetensors")
-    for name in cached:
-        assert torch.abs(cached[name] - audio[name]).max() < 1e-4, name
-        if name in base:
-            moved += not torch.equal(base[name], cached[name])
-    assert moved > 10  # the top layers really trained
-    cached_log = [json.loads(line) for line in open(f"{cached_run[0]}/log.jsonl")]
-    audio_log = [json.loads(line) for line in open(partial / "log.jsonl")]
-    assert [r["train_loss"] for r in cached_log] == pytest.approx([r["train_loss"] for r in audio_log], abs=1e-5)
+    assert_same_training(cached_run[0], partial, tiny_model, top_layers={"2", "3"})
 
 
 def test_run_directory_explains_itself(cached_run, built_store):

@@ -3,6 +3,7 @@ WavLMModel, a cached epoch equals partial finetuning on audio, LoRA, export and 
 every family's LoRA targets really act."""
 
 import csv
+import functools
 import json
 
 import numpy as np
@@ -14,12 +15,13 @@ from cachegen import open_cache
 from cachegen.audio import load_audio
 from cachegen.build import BuildConfig, build_cache
 from cachegen.encoder import FAMILIES
-from cachegen.manifest import load_manifest
 from cachegen.testing import save_model, tiny_family_config
-from conftest import run_cli
-from headtrain import PredictConfig, TrainConfig, export, predict, train
+import helpers
+from helpers import assert_same_training, max_relative_error, run_cli, transformers_states
+from headtrain import PredictConfig, export, predict, train
 
 TARGETS = ("activation", "valence")
+quick = functools.partial(helpers.quick, targets=TARGETS)
 
 
 @pytest.fixture(scope="module", params=["post", "stable"])
@@ -30,28 +32,9 @@ def wavlm(request, tmp_path_factory):
     return str(save_model(tmp_path_factory.mktemp(f"wavlm-{request.param}"), config, seed=4))
 
 
-def reference_states(model_dir, manifest):
-    """transformers alone: each utterance on its own, eval mode, every layer's states."""
-    from transformers import Wav2Vec2FeatureExtractor, WavLMModel
-
-    model = WavLMModel.from_pretrained(model_dir).eval()
-    fe = Wav2Vec2FeatureExtractor.from_pretrained(model_dir)
-    out = {}
-    for u in load_manifest(manifest).utterances:
-        samples, _, _ = load_audio(u.path)
-        with torch.no_grad():
-            values = fe(samples, sampling_rate=16000, return_tensors="pt").input_values
-            out[u.id] = [h[0].numpy() for h in model(values, output_hidden_states=True).hidden_states]
-    return out
-
-
-def max_relative_error(a, b):
-    return float(np.abs(a.astype(np.float64) - b).max() / np.abs(b).max())
-
-
 @pytest.mark.parametrize("batch_size", [1, 5])
 def test_wavlm_store_equals_transformers_for_every_layer(wavlm, batch_size, corpus, tmp_path):
-    reference = reference_states(wavlm, corpus)
+    reference = transformers_states(wavlm, corpus)
     for layer in range(0, 5):
         out = tmp_path / f"l{layer}.zarr"
         build_cache(BuildConfig(manifest=corpus, out=str(out), model=wavlm, layers=layer, dtype="float32",
@@ -63,13 +46,6 @@ def test_wavlm_store_equals_transformers_for_every_layer(wavlm, batch_size, corp
             got = reader[uid]
             assert got.dtype == np.float32 and got.shape == states[layer].shape
             assert max_relative_error(got, states[layer]) < 1e-4, (layer, uid)
-
-
-def quick(**overrides):
-    options = dict(targets=TARGETS, top_layers=2, epochs=1, batch_size=4, dropout=0.0, warmup=0.0,
-                   seed=3, lr=1e-3, head_lr=1e-3, progress=False, workers=1)
-    options.update(overrides)
-    return TrainConfig(**options)
 
 
 @pytest.fixture(scope="module")
@@ -85,19 +61,7 @@ def wavlm_store(wavlm, corpus, tmp_path_factory):
 def test_wavlm_cached_epoch_equals_partial_finetuning_on_audio(wavlm, wavlm_store, corpus, tmp_path):
     train(quick(out=str(tmp_path / "cached"), from_cache=wavlm_store))
     train(quick(out=str(tmp_path / "partial"), manifest=corpus, model=wavlm, strategy="partial"))
-    cached = load_file(str(tmp_path / "cached" / "model.safetensors"))
-    audio = load_file(str(tmp_path / "partial" / "model.safetensors"))
-    assert cached.keys() == audio.keys()
-    assert {k.split(".")[2] for k in cached if k.startswith("encoder.layers.")} == {"2", "3"}
-    base = load_file(f"{wavlm}/model.safetensors")
-    moved = 0
-    for name in cached:
-        assert torch.abs(cached[name] - audio[name]).max() < 1e-4, name
-        moved += name in base and not torch.equal(base[name], cached[name])
-    assert moved > 10  # the top layers really trained
-    losses = [[json.loads(line)["train_loss"] for line in open(tmp_path / run / "log.jsonl")]
-              for run in ("cached", "partial")]
-    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert_same_training(tmp_path / "cached", tmp_path / "partial", wavlm, top_layers={"2", "3"})
 
 
 def test_wavlm_lora_trains_exports_and_the_export_runs_in_transformers_alone(wavlm, wavlm_store, corpus,
@@ -167,21 +131,3 @@ def test_bench_runs_wavlm(corpus, tmp_path):
     assert list(results) == ["partial", "cached", "lora"]
     assert results["cached"]["trainable_parameters"] == results["partial"]["trainable_parameters"]
     assert all(r["utterances_per_second"] > 0 for r in results.values())
-
-
-def test_stable_layer_norm_hubert_store_equals_transformers(corpus, tmp_path):
-    """HuBERT large's variant (stable layer norm, layer-norm convolutions), batched."""
-    from transformers import HubertModel, Wav2Vec2FeatureExtractor
-
-    model_dir = save_model(tmp_path / "hubert", tiny_family_config("hubert", stable_layer_norm=True))
-    model = HubertModel.from_pretrained(model_dir).eval()
-    fe = Wav2Vec2FeatureExtractor.from_pretrained(model_dir)
-    build_cache(BuildConfig(manifest=corpus, out=str(tmp_path / "h.zarr"), model=str(model_dir), layers=3,
-                            dtype="float32", batch_size=5, progress=False))
-    reader = open_cache(tmp_path / "h.zarr")
-    for u in load_manifest(corpus).utterances:
-        samples, _, _ = load_audio(u.path)
-        with torch.no_grad():
-            values = fe(samples, sampling_rate=16000, return_tensors="pt").input_values
-            expected = model(values, output_hidden_states=True).hidden_states[3][0].numpy()
-        assert max_relative_error(reader[u.id], expected) < 1e-4, u.id

@@ -17,7 +17,7 @@ from cachegen.build import BuildConfig, build_cache
 from cachegen.errors import StoreError
 from cachegen.lock import STORE_LOCK, BuildLock, region_lock
 from cachegen.testing import synth_corpus
-from conftest import run_cli
+from helpers import run_cli
 
 ROOT = Path(__file__).parents[1]
 SER = [sys.executable, "-c", "from cli import main; main()"]
