@@ -120,7 +120,7 @@ def test_build_holds_a_bounded_number_of_decoded_utterances(tiny_model, tmp_path
 
     import cachegen.build as build
 
-    manifest = synth_corpus(tmp_path / "c", utterances=40, seconds=(0.5, 0.7))
+    manifest = synth_corpus(tmp_path / "c", utterances=24, seconds=(0.5, 0.6))
     decoded, added, seen = [0], [0], []
     blocked = threading.Event()
     real_decode, real_add, real_put = build.decode, StoreWriter.add, WriteStage.put
@@ -137,7 +137,7 @@ def test_build_holds_a_bounded_number_of_decoded_utterances(tiny_model, tmp_path
     def stalled_add(self, *args, **kwargs):
         if added[0] == 0:
             deadline = time.monotonic() + 120  # only a safety net: either event ends the wait
-            while not (blocked.is_set() or decoded[0] >= 40) and time.monotonic() < deadline:
+            while not (blocked.is_set() or decoded[0] >= 24) and time.monotonic() < deadline:
                 time.sleep(0.01)
             seen.append(decoded[0])
         added[0] += 1
@@ -150,8 +150,8 @@ def test_build_holds_a_bounded_number_of_decoded_utterances(tiny_model, tmp_path
                          layers=1, batch_size=2, workers=2, progress=False)
     summary = build_cache(config)
     ahead = 2 + config.workers // config.batch_size
-    assert summary.cached == 40 and blocked.is_set()
-    assert seen[0] <= (ahead + 1 + 2 + 1) * config.batch_size < 40
+    assert summary.cached == 24 and blocked.is_set()
+    assert seen[0] <= (ahead + 1 + 2 + 1) * config.batch_size < 24
 
 
 KILLER = """
