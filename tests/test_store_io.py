@@ -374,7 +374,7 @@ def test_cache_format_recipe_reads_with_zarr_and_pyarrow_alone(tmp_path, dtype, 
     write_store(store, dtype=dtype, compression=compression,
                 **({"checksum": None, "version": 1} if compression is None else {}))
     doc = (Path(__file__).parent.parent / "docs" / "cache-format.md").read_text()
-    recipe = re.search(r"```python\n(import io\n.*?)```", doc, re.S).group(1)
+    recipe = re.search(r"```python\n(import json\n.*?)```", doc, re.S).group(1)
     recipe += "\nnp.save('first.npy', hidden)\nimport sys\nassert 'cachegen' not in sys.modules\n"
     done = subprocess.run([sys.executable, "-c", recipe], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
