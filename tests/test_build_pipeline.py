@@ -16,7 +16,7 @@ from cachegen import open_cache
 from cachegen.build import BuildConfig, WriteStage, build_cache, normalise
 from cachegen.store import FORMAT, FORMAT_VERSION, StoreWriter, committed_count
 from cachegen.testing import synth_corpus
-from conftest import run_cli
+from helpers import run_cli
 
 
 def tree(folder: Path) -> dict:
