@@ -73,6 +73,15 @@ class Source:
         pass
 
 
+def arrow_owned(data: bytes) -> pa.Buffer:
+    """A copy of `data` in memory Arrow owns, for Arrow to read from. Arrow's scan threads may
+    drop the last reference to what it reads; a buffer that wraps a Python object then takes
+    the GIL from a native thread, which crashes CPython 3.11 under tracemalloc or at exit."""
+    buffer = pa.allocate_buffer(len(data))
+    np.frombuffer(buffer, np.uint8)[:] = np.frombuffer(data, np.uint8)
+    return buffer
+
+
 def read_key(source: Source, key: str, start: int | None = None, end: int | None = None) -> bytes | None:
     """`source.read` from synchronous code (on zarr's event loop, where zarr itself reads)."""
     from zarr.core.sync import sync
@@ -455,7 +464,7 @@ def cut_off(key: str, data: bytes, states_meta: dict | None) -> str | None:
             return "not whole JSON"
     elif name.endswith(".parquet"):
         try:
-            pq.read_metadata(pa.BufferReader(data))
+            pq.read_metadata(pa.BufferReader(arrow_owned(data)))
         except Exception:  # pyarrow raises several types for a cut-off footer
             return "not a whole Parquet file"
     elif key.startswith(f"{ARRAY}/c/") and states_meta is not None:
@@ -1032,7 +1041,7 @@ class CacheReader:
         if data is None:
             return None
         try:
-            return pq.read_table(pa.BufferReader(data))
+            return pq.read_table(pa.BufferReader(arrow_owned(data)))
         except (pa.ArrowException, OSError) as err:
             raise StoreCorrupt(f"{self.location}: {key} cannot be read ({err})") from None
 
