@@ -60,7 +60,7 @@ def main(verbose: bool) -> None:
 
 def _storage_options(ctx, param, value: str | None) -> None:
     if value:
-        from cachegen.reader import configure_storage
+        from cachegen.sources import configure_storage
 
         configure_storage(value, source="--storage-options")
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, StoreCorrupt, StoreError
+from .reader import CacheReader, open_cache
+from .sources import ROOT, URL, FolderSource, FsspecSource, Source, ZipSource, byte_bounds, read_key
 from .store import write_atomic
-from .reader import (ROOT, URL, CacheReader, FolderSource, FsspecSource, Source, ZipSource,
-                     byte_bounds, open_cache, read_key)
 
 log = logging.getLogger(__name__)
 

@@ -397,7 +397,7 @@ def ridge_probe(train_x: np.ndarray, train_y: np.ndarray, dev_x: np.ndarray) -> 
 
 def source_kind(location: str) -> str:
     """'manifest' for a CSV/Parquet file, 'store' for anything else (folder, .zip, URL)."""
-    from cachegen.reader import URL
+    from cachegen.sources import URL
 
     is_table = Path(location).suffix.lower() in (".csv", ".parquet", ".pq")
     return "manifest" if is_table and not URL.search(location) and Path(location).is_file() else "store"

@@ -10,7 +10,7 @@ import pytest
 from cachegen import open_cache
 from cachegen.build import BuildConfig, build_cache
 from cachegen.errors import StoreError
-from cachegen.reader import FsspecSource
+from cachegen.sources import FsspecSource
 from helpers import run_cli
 from faulty_http import FaultyServer
 
