@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from headtrain import EvaluateConfig, TrainConfig, evaluate, train
+from headtrain import EvaluateConfig, evaluate, train
 from headtrain.metrics import class_metrics
-from conftest import run_cli
+from helpers import quick as quick_base, read_csv, run_cli
 
 # Three classes a listener tells apart: (pitch Hz, syllables/s, brightness 0..1, loudness).
 # The feature extractor normalises each utterance's level, so loudness alone would not do.
@@ -62,15 +62,7 @@ def class_store(tiny_model, tmp_path_factory):
 
 
 def quick(**overrides):
-    options = dict(top_layers=1, epochs=1, batch_size=6, dropout=0.0, warmup=0.0, seed=0,
-                   progress=False, workers=1)
-    options.update(overrides)
-    return TrainConfig(**options)
-
-
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
+    return quick_base(**{"top_layers": 1, "batch_size": 6, "seed": 0, "lr": 5e-5, **overrides})
 
 
 def test_uar_macro_f1_and_accuracy_equal_hand_computed_values():

@@ -2,7 +2,6 @@
 are the runs' own metrics, resumable without retraining; folds by a column where every
 utterance is tested exactly once."""
 
-import csv
 import json
 
 import numpy as np
@@ -10,15 +9,10 @@ import pytest
 
 from cachegen.errors import ConfigError
 from headtrain.sweep import SweepConfig, sweep
-from conftest import run_cli
+from helpers import read_csv, run_cli
 
 FAST = {"targets": ("activation",), "epochs": 1, "batch_size": 8, "dropout": 0.0, "warmup": 0.0,
         "progress": False, "workers": 1}
-
-
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 def count_training(monkeypatch):
