@@ -203,6 +203,35 @@ def _floats(value: str | None, option: str) -> tuple[float, float] | None:
     return low, high
 
 
+_LOG_WITH = click.option("--log-with", default=None, metavar="TRACKER",
+                         help="Also log losses, dev metrics and learning rate per epoch to an "
+                              "accelerate tracker: tensorboard (pip install 'ser[tensorboard]'), "
+                              "wandb, mlflow, ...")
+
+
+def _weights(value: str | None) -> tuple[float, ...] | None:
+    if not value:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected numbers such as 1,0.5", param_hint="--loss-weights")
+
+
+# Categorical targets: a target that is a text column (e.g. emotion) gets a classification head.
+_CLASS_OPTIONS = (
+    click.option("--classes", default=None,
+                 help="Classes of the categorical target, in order; '+' merges (e.g. "
+                      "neutral,happy+excited,angry,sad), other values are left out. Preset: iemocap4. "
+                      "Default: the training split's values."),
+    click.option("--class-weights", type=click.Choice(["none", "balanced"]), default="none",
+                 show_default=True, help="Cross-entropy weights: balanced = inverse class frequency."),
+    click.option("--loss-weights", default=None,
+                 help="One weight per target (e.g. 1,1,0.5): the loss is the weighted mean of "
+                      "the dimensional loss and each categorical target's cross-entropy."),
+)
+
+
 @main.command("train")
 @click.option("--from-cache", "from_cache", default=None, help="Store to train from (strategy cached).")
 @click.option("--manifest", default=None, type=click.Path(dir_okay=False),
@@ -247,10 +276,14 @@ def _floats(value: str | None, option: str) -> tuple[float, float] | None:
 @click.option("--device", default=None, help="cpu or cuda (default: cuda if available).")
 @click.option("--lora-rank", default=8, show_default=True)
 @click.option("--lora-alpha", default=16, show_default=True)
+@_CLASS_OPTIONS[0]
+@_CLASS_OPTIONS[1]
+@_CLASS_OPTIONS[2]
 @click.option("--workers", default=2, show_default=True, help="Background reading threads.")
 @click.option("--preload/--no-preload", default=None,
               help="Keep the store's states in memory after their first read (default: when they "
                    "take at most 4 GiB and a quarter of the available memory).")
+@_LOG_WITH
 @click.option("--cache-dir", default=None, help="Keep a local copy of remote store files here (later epochs and runs read it).")
 @STORAGE_OPTIONS
 @click.option("--audio-root", default=None, type=click.Path(file_okay=False))
@@ -259,7 +292,7 @@ def _floats(value: str | None, option: str) -> tuple[float, float] | None:
               help="Replace the run in --out (removes only the files a run writes).")
 @_THREADS
 @click.pass_context
-def train_command(ctx, targets, label_range, no_progress, out, resume, **options):
+def train_command(ctx, targets, label_range, loss_weights, no_progress, out, resume, **options):
     """Finetune the top K layers and a regression head (from a store or from audio).
 
     `--resume RUN` alone continues RUN with the options it was started with; options given
@@ -274,7 +307,8 @@ def train_command(ctx, targets, label_range, no_progress, out, resume, **options
     if not (out or resume):
         raise click.UsageError("Missing option '--out'.")
     options.update(targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
-                   label_range=_floats(label_range, "--label-range"), progress=not no_progress)
+                   label_range=_floats(label_range, "--label-range"),
+                   loss_weights=_weights(loss_weights), progress=not no_progress)
     if resume:
         given = {name: value for name, value in options.items()
                  if ctx.get_parameter_source({"progress": "no_progress"}.get(name, name))
@@ -287,9 +321,107 @@ def train_command(ctx, targets, label_range, no_progress, out, resume, **options
 
     if not PartialState().is_main_process:
         return
-    dev = ", ".join(f"{t} {m['ccc']:.3f}" for t, m in (result.best_dev or {}).items())
-    click.echo(f"best epoch {result.best_epoch}: dev CCC {dev}; run written to {result.run_dir} "
-               f"(curves.png, log.jsonl, config.json, model.safetensors)")
+    from headtrain.metrics import format_metrics
+
+    click.echo(f"best epoch {result.best_epoch}: dev {format_metrics(result.best_dev or {})}; run "
+               f"written to {result.run_dir} (curves.png, log.jsonl, config.json, model.safetensors)")
+
+
+# Options of `ser sweep` that take a comma-separated list of values (an axis of the sweep).
+_SWEPT = ("seeds", "top_layers", "lr", "head_lr", "dropout", "weight_decay", "warmup", "batch_size",
+          "epochs", "loss", "strategy", "max_frames", "clip", "class_weights", "batching", "lora_rank",
+          "lora_alpha")
+
+
+@main.command("sweep")
+@click.option("--from-cache", "from_cache", default=None, help="Store every run trains from.")
+@click.option("--manifest", default=None, type=click.Path(dir_okay=False), help="Or: train from audio.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Sweep folder: runs/, summary.csv, summary.md, summary.png.")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="TOML file of training options; a list is an axis of the sweep.")
+@click.option("--seeds", default=None, help="Seeds each configuration is trained with, e.g. 0,1,2.")
+@click.option("--top-layers", default=None, help="List, e.g. 1,2,3.")
+@click.option("--lr", default=None, help="List, e.g. 5e-5,1e-4.")
+@click.option("--head-lr", default=None, help="List.")
+@click.option("--dropout", default=None, help="List.")
+@click.option("--weight-decay", default=None, help="List.")
+@click.option("--warmup", default=None, help="List.")
+@click.option("--batch-size", default=None, help="List.")
+@click.option("--epochs", default=None, help="List.")
+@click.option("--loss", default=None, help="List of ccc, mse.")
+@click.option("--strategy", default=None, help="List of cached, lora (from a store).")
+@click.option("--max-frames", default=None, help="List.")
+@click.option("--clip", default=None, help="List.")
+@click.option("--class-weights", default=None, help="List of none, balanced.")
+@click.option("--batching", default=None, help="List of random, length.")
+@click.option("--lora-rank", default=None, help="List.")
+@click.option("--lora-alpha", default=None, help="List.")
+@click.option("--targets", default=None, help="Label columns every run predicts, comma-separated.")
+@click.option("--loss-weights", default=None, help="One weight per target.")
+@click.option("--classes", default=None, help="Classes of a categorical target (see ser train).")
+@click.option("--folds", default=None,
+              help="Column (e.g. session): leave-one-group-out; each fold tests on one group and "
+                   "picks its best epoch on the next group (sorted order, wrapping around).")
+@click.option("--model", default=None)
+@click.option("--labels", default=None, type=click.Path(dir_okay=False))
+@click.option("--train-split", default=None)
+@click.option("--dev-split", default=None)
+@click.option("--label-range", default=None, help="LOW,HIGH.")
+@click.option("--early-stop", type=int, default=None)
+@click.option("--select", default=None, metavar="TARGET|mean", help="Best epoch of each run (see ser train).")
+@click.option("--amp", type=click.Choice(["bf16", "fp16", "no"]), default=None)
+@click.option("--device", default=None)
+@click.option("--workers", type=int, default=None)
+@click.option("--preload/--no-preload", default=None,
+              help="Keep the store's states in memory after their first read, for all runs "
+                   "(default: when they take at most 4 GiB and a quarter of the available memory).")
+@click.option("--cache-dir", default=None)
+@STORAGE_OPTIONS
+@click.option("--audio-root", default=None, type=click.Path(file_okay=False))
+@_LOG_WITH
+@click.option("--no-progress", is_flag=True)
+@_THREADS
+def sweep_command(out, config_file, folds, targets, loss_weights, label_range, no_progress, **options):
+    """Train every combination of the listed values (x seeds, x folds) and summarise them."""
+    from headtrain.sweep import SweepConfig, parse_list, read_config_file, sweep
+
+    shared, grid, file_folds = read_config_file(config_file) if config_file else ({}, {}, None)
+    for name, text in options.items():
+        if text is None:
+            continue
+        field = "seed" if name == "seeds" else name
+        if name in _SWEPT:
+            values = parse_list(field, text)
+            grid.pop(field, None)
+            shared.pop(field, None)
+            if len(values) > 1:
+                grid[field] = values
+            else:
+                shared[field] = values[0]
+        else:
+            shared[field] = text
+    if targets:
+        shared["targets"] = tuple(t.strip() for t in targets.split(",") if t.strip())
+    if loss_weights:
+        shared["loss_weights"] = _weights(loss_weights)
+    if label_range:
+        shared["label_range"] = _floats(label_range, "--label-range")
+    shared["progress"] = not no_progress
+    result = sweep(SweepConfig(out=out, train=shared, grid=grid, folds=folds or file_folds))
+    best = next((row for row in result.summary if row["best"]), None)
+    if best:
+        varied = {k: v for k, v in best.items() if k in grid}
+        folds_score = (f", left-out folds' score {best['test_score_mean']:.3f}"
+                       if "test_score_mean" in best else "")
+        if folds or file_folds:
+            from headtrain.folds import FOLD_RULE
+
+            click.echo(f"folds by {folds or file_folds} ({FOLD_RULE}): " + "; ".join(
+                f"test {f['test']}, dev {f['dev']}" for f in result.folds))
+        click.echo(f"best: {varied or 'the only configuration'} (dev score "
+                   f"{best['dev_score_mean']:.3f}{folds_score} over {best['runs']} run(s))")
+    click.echo(f"{len(result.runs)} runs in {out}/runs; summary in {out}/summary.md, summary.csv, summary.png")
 
 
 @main.command("evaluate")
@@ -312,8 +444,15 @@ def evaluate_command(**options):
 
     metrics = evaluate(EvaluateConfig(**options))
     for target, values in metrics.items():
-        click.echo(f"{target}: CCC {values['ccc']:.3f}, Pearson {values['pearson']:.3f}, MSE {values['mse']:.4f}")
-    click.echo(f"written: {options['out']}/metrics.json, predictions.csv, scatter.png")
+        if "uar" in values:
+            click.echo(f"{target}: UAR {values['uar']:.3f}, macro-F1 {values['macro_f1']:.3f}, "
+                       f"accuracy {values['accuracy']:.3f}")
+        else:
+            click.echo(f"{target}: CCC {values['ccc']:.3f}, Pearson {values['pearson']:.3f}, "
+                       f"MSE {values['mse']:.4f}")
+    plots = ["scatter.png"] * any("ccc" in v for v in metrics.values()) + [
+        f"confusion_{t}.png" for t, v in metrics.items() if "uar" in v]
+    click.echo(f"written: {options['out']}/metrics.json, predictions.csv, {', '.join(plots)}")
 
 
 @main.command("predict")

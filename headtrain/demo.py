@@ -13,6 +13,7 @@ def run_demo(out: str, *, epochs: int = 8, echo=print, utterances: int = 200) ->
     from cachegen.testing import save_tiny_model, synth_corpus
 
     from .evaluate import EvaluateConfig, evaluate
+    from .metrics import format_metrics
     from .train import TrainConfig, train
 
     out_dir = Path(out)
@@ -36,12 +37,11 @@ def run_demo(out: str, *, epochs: int = 8, echo=print, utterances: int = 200) ->
                                targets=("activation", "valence", "dominance"), epochs=epochs,
                                batch_size=8, lr=5e-4, head_lr=3e-3, dropout=0.0, warmup=0.05,
                                overwrite=True))  # a second demo replaces the first one's run
-    echo(f"best epoch {result.best_epoch}: dev " + ", ".join(
-        f"{t} CCC {m['ccc']:.3f}" for t, m in result.best_dev.items()))
+    echo(f"best epoch {result.best_epoch}: dev {format_metrics(result.best_dev)}")
     eval_dir = out_dir / "test"
     metrics = evaluate(EvaluateConfig(run=str(run_dir), out=str(eval_dir), from_cache=str(store),
                                       split="test"))
-    echo("test " + ", ".join(f"{t} CCC {m['ccc']:.3f}" for t, m in metrics.items()))
+    echo(f"test {format_metrics(metrics)}")
     echo(f"plots: {run_dir / 'curves.png'}, {eval_dir / 'scatter.png'}; "
          f"predictions: {eval_dir / 'predictions.csv'}")
     return metrics

@@ -47,11 +47,12 @@ def predict_split(model, source, ids: list[str], *, batch_size: int, device, acc
 OUTPUT_FORMATS = (".csv", ".parquet")
 
 
-def write_predictions(path: Path, columns: dict[str, list], targets: list[str], pred: np.ndarray,
+def write_predictions(path: Path, columns: dict[str, list], targets: list, pred: np.ndarray,
                       true: np.ndarray | None) -> None:
     """`columns` (id, path, split ...), then `<target>` (if known) and `<target>_pred` per
-    target; Parquet for a .parquet path, else CSV. Written atomically: a failure (disk full)
-    leaves no cut file behind."""
+    target (headtrain.targets.Target): a value, or a categorical target's class name; Parquet
+    for a .parquet path, else CSV. Written atomically: a failure (disk full) leaves no cut
+    file behind."""
     import io
 
     import pyarrow as pa
@@ -60,21 +61,28 @@ def write_predictions(path: Path, columns: dict[str, list], targets: list[str], 
 
     from .run import writing
 
-    numbers = {}
+    values: dict[str, list] = {}  # float column -> numbers, class column -> names
     for j, target in enumerate(targets):
+        def column(array: np.ndarray) -> list:
+            if target.categorical:
+                return [target.classes[int(v)] for v in array]
+            return [float(v) for v in array]
+
         if true is not None:
-            numbers[target] = true[:, j]
-        numbers[f"{target}_pred"] = pred[:, j]
+            values[target.name] = column(true[:, j])
+        values[f"{target.name}_pred"] = column(pred[:, j])
     if path.suffix.lower() == ".parquet":
-        data = parquet_bytes(pa.table({**{name: pa.array(values, pa.string()) for name, values in columns.items()},
-                                       **{name: pa.array(values, pa.float64()) for name, values in numbers.items()}}))
+        data = parquet_bytes(pa.table({
+            **{name: pa.array(cells, pa.string()) for name, cells in columns.items()},
+            **{name: pa.array(cells, pa.string() if cells and isinstance(cells[0], str) else pa.float64())
+               for name, cells in values.items()}}))
     else:
         text = io.StringIO(newline="")
         writer = csv.writer(text)
-        writer.writerow([*columns, *numbers])
+        writer.writerow([*columns, *values])
         for i in range(len(pred)):
-            writer.writerow([*(values[i] or "" for values in columns.values()),
-                             *(f"{values[i]:.6g}" for values in numbers.values())])
+            writer.writerow([*(cells[i] or "" for cells in columns.values()),
+                             *(c if isinstance(c := cells[i], str) else f"{c:.6g}" for cells in values.values())])
         data = text.getvalue().encode()
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,42 +113,58 @@ class EvaluateConfig:
         resolve_device(self.device)
 
 
-def evaluate(config: EvaluateConfig) -> dict:
-    """Write metrics.json, predictions.csv and scatter.png for `config.split` into `config.out`.
+def evaluate(config: EvaluateConfig, *, source=None) -> dict:
+    """Write metrics.json, predictions.csv, scatter.png (dimensional targets) and
+    confusion_<target>.png (categorical targets) for `config.split` into `config.out`.
 
-    Returns the metrics: {target: {"ccc", "pearson", "mse"}}.
+    Returns the metrics: {target: {"ccc", "pearson", "mse"}} or, for a categorical target,
+    {"uar", "macro_f1", "accuracy", "classes", "confusion"}. `source`: the store opened
+    already, as a CacheSource (a sweep shares one).
     """
     from .device import resolve_device
     from .inputs import Inputs
-    from .labels import load_splits
+    from .labels import apply_classes, load_splits
     from .metrics import target_metrics
-    from .plots import plot_scatter
+    from .plots import plot_confusion, plot_scatter
     from .run import load_run, refuse_run_output, write_json, writing
 
     config.validate()
     refuse_run_output(Path(config.out), option="--out")
     inputs = Inputs.open(from_cache=config.from_cache, manifest=config.manifest, labels=config.labels,
-                         cache_dir=config.cache_dir, audio_root=config.audio_root)
+                         cache_dir=config.cache_dir, audio_root=config.audio_root, shared=source)
     run = load_run(config.run, from_audio=not inputs.from_store, cache_layer=inputs.cache_layer,
                    model=config.model)
     inputs.check_run(config.run, run.spec)
     source = inputs.source(run.model.backbone, run.feature_extractor)
-    split = load_splits(inputs.table, source=inputs.table_name, targets=run.targets, splits=[config.split],
-                        available=inputs.available)[config.split]
+    table = inputs.table
+    categorical = [t for t in run.target_specs if t.categorical]
+    if run.info.get("class_map") and categorical[0].name in table.column_names:
+        # the run's merges (excited -> happy) and left-out classes
+        table = apply_classes(table, categorical[0].name, run.info["class_map"])
+    split = load_splits(table, source=inputs.table_name, targets=run.targets, splits=[config.split],
+                        available=inputs.available,
+                        classes={t.name: t.classes for t in categorical})[config.split]
     device = resolve_device(config.device)
     model = run.model.to(device)
     pred = run.to_label_scale(predict_split(model, source, split.ids, batch_size=config.batch_size,
                                             device=device))
-    metrics = target_metrics(pred, split.targets, run.targets)
+    metrics = target_metrics(pred, split.targets, run.target_specs)
     out = Path(config.out)
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
     # metrics.json last: a folder without it is an evaluation that did not finish
     write_predictions(out / "predictions.csv", {"id": split.ids, "split": [config.split] * len(split.ids)},
-                      run.targets, pred, split.targets)
-    with writing(out / "scatter.png"):
-        plot_scatter(pred, split.targets, run.targets, metrics, str(out / "scatter.png"),
-                     split=config.split)
+                      run.target_specs, pred, split.targets)
+    dimensional = [i for i, t in enumerate(run.target_specs) if not t.categorical]
+    if dimensional:
+        with writing(out / "scatter.png"):
+            plot_scatter(pred[:, dimensional], split.targets[:, dimensional],
+                         [run.targets[i] for i in dimensional], metrics, str(out / "scatter.png"),
+                         split=config.split)
+    for target in categorical:
+        path = out / f"confusion_{target.name}.png"
+        with writing(path):
+            plot_confusion(target.name, metrics[target.name], str(path), split=config.split)
     with writing(out / "metrics.json"):
         write_json(metrics, out / "metrics.json")
     return metrics

@@ -57,10 +57,13 @@ def write_head(out_dir: Path, run, backbone) -> None:
         "format": EXPORT_FORMAT, "format_version": RUN_FORMAT_VERSION,
         # how the network trained; LoRA adapters, if any, are merged into the saved weights
         "model_spec": run.spec.to_json(), "lora_merged": True, "strategy": run.spec.strategy.value,
-        "targets": run.targets, "label_mean": run.mean.tolist(), "label_std": run.std.tolist(),
+        "targets": run.targets, "label_mean": [t.mean for t in run.target_specs],
+        "label_std": [t.std for t in run.target_specs], "class_map": run.info.get("class_map"),
         "top_layers": run.spec.top_layers,
-        "head": "masked mean over frames -> Linear(D, D) -> tanh -> Linear(D, targets); "
-                "prediction = output * label_std + label_mean",
+        "head": "masked mean over frames -> Linear(D, D) -> tanh -> Linear(D, outputs); one output "
+                "per dimensional target (prediction = output * label_std + label_mean) and one "
+                "logit per class of a categorical target (model_spec.classes; prediction = the "
+                "class of the largest)",
         "trained_from": {k: run.info.get(k) for k in ("model_id", "model_sha256", "strategy",
                                                       "cache_layer", "top_layers", "best_epoch")},
     }, out_dir / "ser_head.json")

@@ -19,14 +19,17 @@ class Inputs:
     location: str | None = None  # the store as given
     unusable: set[str] = field(default_factory=set)  # audio ids `source` found unusable
     preload: bool | None = False  # CacheSource's: keep states in memory (None: when they fit)
+    shared: object | None = None  # a CacheSource opened already, shared by several runs (ser sweep)
 
     @classmethod
     def open(cls, *, from_cache: str | None = None, manifest: str | None = None, labels: str | None = None,
              cache_dir: str | None = None, audio_root: str | None = None,
-             preload: bool | None = False) -> Inputs:
+             preload: bool | None = False, shared=None) -> Inputs:
         """Open a store (`from_cache`) or a manifest; `labels` replaces the table. Utterances the
         store's build recorded as failed are left out of the table (named in a warning);
-        `preload` is passed to the store's loader (headtrain.data.CacheSource)."""
+        `preload` is passed to the store's loader (headtrain.data.CacheSource). `shared`: that
+        loader, opened already for `from_cache` (a sweep opens the store once for all runs, so
+        preloaded states are read once in all)."""
         from cachegen.manifest import load_manifest
 
         from .labels import drop_failed, read_labels
@@ -34,9 +37,9 @@ class Inputs:
         if from_cache:
             from cachegen import open_cache
 
-            reader = open_cache(from_cache, cache_dir=cache_dir)
+            reader = shared.reader if shared is not None else open_cache(from_cache, cache_dir=cache_dir)
             inputs = cls(table=reader.table, table_name=f"{from_cache} (manifest table)", reader=reader,
-                         location=from_cache, preload=preload)
+                         location=from_cache, preload=preload, shared=shared)
         else:
             loaded = load_manifest(manifest, audio_root=audio_root)
             inputs = cls(table=loaded.table, table_name=manifest,
@@ -84,7 +87,7 @@ class Inputs:
         from .labels import drop_unusable
 
         if self.from_store:
-            return CacheSource(self.reader, preload=self.preload)
+            return self.shared or CacheSource(self.reader, preload=self.preload)
         source = AudioSource(self.paths, model, feature_extractor)
         # files whose header cannot be read, or too short for one frame: left out, named
         if self.table is not None:

@@ -43,22 +43,33 @@ def read_labels(path: str) -> pa.Table:
 
 def load_splits(table: pa.Table, *, source: str, targets: list[str], splits: list[str],
                 available: set[str] | None = None,
-                label_range: tuple[float, float] | None = None) -> dict[str, Split]:
-    """Rows of each named split with their target values.
+                label_range: tuple[float, float] | None = None,
+                classes: dict[str, tuple[str, ...]] | None = None) -> dict[str, Split]:
+    """Rows of each named split with their target values; a categorical target (named in
+    `classes`, a text column) gets the index of its class.
 
     Raises:
         ManifestError: naming every problem: unknown target columns, no split column, a split
-            without rows, duplicate ids, blank/NaN/out-of-range labels, ids not in the store.
+            without rows, duplicate ids, blank/NaN/out-of-range labels, a class outside
+            `classes`, ids not in the store.
     """
+    classes = classes or {}
     columns = table.column_names
     unknown = [t for t in targets if t not in columns]
     if unknown:
         numeric = [c for c in columns if pa.types.is_floating(table.schema.field(c).type)]
+        text = [c for c in categorical_columns(table, columns) if c not in ("id", "path", "split")]
         raise ManifestError(f"{source}: no label column(s) {', '.join(unknown)}; numeric columns: "
-                            f"{', '.join(numeric) or 'none'}")
-    not_numeric = [t for t in targets if not pa.types.is_floating(table.schema.field(t).type)]
+                            f"{', '.join(numeric) or 'none'}; text (categorical) columns: "
+                            f"{', '.join(text) or 'none'}")
+    not_numeric = [t for t in targets if t not in classes
+                   and not pa.types.is_floating(table.schema.field(t).type)]
     if not_numeric:
         raise ManifestError(f"{source}: label column(s) {', '.join(not_numeric)} hold text, not numbers")
+    numeric_classes = [t for t in classes if not pa.types.is_string(table.schema.field(t).type)]
+    if numeric_classes:
+        raise ManifestError(f"{source}: categorical target(s) {', '.join(numeric_classes)} hold "
+                            "numbers; a class column holds words (e.g. neutral, happy)")
     if "split" not in columns:
         raise ManifestError(f"{source}: no 'split' column; add one (train/dev/test) or pass --labels "
                             "with a split column")
@@ -77,6 +88,17 @@ def load_splits(table: pa.Table, *, source: str, targets: list[str], splits: lis
     if duplicates:
         problems.append(f"duplicate id(s) {_listed(duplicates)}")
     for target in targets:
+        if target in classes:
+            blank = [r["id"] for r in used if r[target] is None or not r[target].strip()]
+            if blank:
+                problems.append(f"'{target}' is blank for {len(blank)} row(s): {_listed(blank)}")
+            other = [f"{r['id']}={r[target]}" for r in used if r[target] and r[target].strip()
+                     and r[target] not in classes[target]]
+            if other:
+                problems.append(f"'{target}' is not one of the classes {', '.join(classes[target])} "
+                                f"for {len(other)} row(s): {_listed(other)} (use --classes to merge or "
+                                "leave out classes)")
+            continue
         blank = [r["id"] for r in used if r[target] is None or math.isnan(r[target])]
         if blank:
             problems.append(f"'{target}' is blank or NaN for {len(blank)} row(s): {_listed(blank)}")
@@ -100,8 +122,13 @@ def load_splits(table: pa.Table, *, source: str, targets: list[str], splits: lis
                             "skipped or never saw them: rebuild, or drop these rows)")
     if problems:
         raise ManifestError(f"{source}: " + "; ".join(problems))
+    index = {t: {c: i for i, c in enumerate(names)} for t, names in classes.items()}
+
+    def value(row: dict, target: str) -> float:
+        return index[target][row[target]] if target in index else row[target]
+
     return {name: Split(name=name, ids=[r["id"] for r in used if r["split"] == name],
-                        targets=np.array([[r[t] for t in targets] for r in used if r["split"] == name],
+                        targets=np.array([[value(r, t) for t in targets] for r in used if r["split"] == name],
                                          dtype=np.float64).reshape(-1, len(targets)))
             for name in splits}
 
@@ -113,6 +140,40 @@ def drop_unusable(table: pa.Table, source) -> pa.Table:
     return _drop(table, unusable, lambda ids: "leaving out %d audio file(s) that cannot be used: %s" % (
         len(ids), "; ".join(unusable[uid] for uid in ids[:MAX_LISTED]) +
         (f" and {len(ids) - MAX_LISTED} more" if len(ids) > MAX_LISTED else "")))
+
+
+def categorical_columns(table: pa.Table, targets: list[str]) -> list[str]:
+    """The targets that are text columns: categorical (e.g. `emotion`)."""
+    return [t for t in targets if t in table.column_names
+            and pa.types.is_string(table.schema.field(t).type)]
+
+
+def split_classes(table: pa.Table, target: str, split: str) -> tuple[str, ...]:
+    """The classes a split uses, sorted (the class order when `--classes` does not give one)."""
+    import pyarrow.compute as pc
+
+    if "split" not in table.column_names:
+        return ()
+    values = table.filter(pc.equal(table.column("split"), split)).column(target).to_pylist()
+    return tuple(sorted({v for v in values if v is not None and v.strip()}))
+
+
+def apply_classes(table: pa.Table, target: str, mapping: dict[str, str]) -> pa.Table:
+    """Rows whose `target` is a key of `mapping`, relabelled to its class (e.g. excited ->
+    happy); the rest are left out with a count per left-out value in the log."""
+    import logging
+    from collections import Counter
+
+    values = table.column(target).to_pylist()
+    keep = [v in mapping for v in values]
+    left_out = Counter(v for v, k in zip(values, keep) if not k)
+    if left_out:
+        logging.getLogger(__name__).info(
+            "--classes leaves out %d row(s): %s", sum(left_out.values()),
+            ", ".join(f"{v if v is not None else 'blank'} {n}" for v, n in left_out.most_common()))
+    table = table.filter(pa.array(keep))
+    relabelled = pa.array([mapping[v] for v in table.column(target).to_pylist()], pa.string())
+    return table.set_column(table.column_names.index(target), target, relabelled)
 
 
 def drop_failed(table: pa.Table, meta: dict) -> pa.Table:

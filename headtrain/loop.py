@@ -11,6 +11,8 @@ import torch
 
 from cachegen.errors import SerError
 
+from .metrics import format_metrics
+
 log = logging.getLogger(__name__)
 MAX_BAD_STEPS = 20  # consecutive non-finite losses before training stops
 
@@ -100,7 +102,7 @@ def fit(*, model, optimizer, scheduler, accelerator, loss_fn: Callable, epochs: 
         seen = int(accelerator.reduce(torch.tensor(seen, device=accelerator.device), "sum"))
         dev = evaluate()
         record = {"epoch": epoch + 1, "train_loss": loss_sum / steps if steps else None,
-                  "dev": dev["metrics"], "dev_mean_ccc": dev["mean_ccc"], "dev_score": dev["score"],
+                  "dev": dev["metrics"], "dev_mean": dev["mean"], "dev_score": dev["score"],
                   "seconds": seconds,
                   "utterances_per_second": seen / seconds if seconds else None,
                   "skipped_steps": skipped, "lr": scheduler.get_last_lr()[0]}
@@ -113,9 +115,8 @@ def fit(*, model, optimizer, scheduler, accelerator, loss_fn: Callable, epochs: 
         history.append(record)
         on_epoch(record, improved)
         if accelerator.is_main_process:
-            log.info("epoch %d/%d: train loss %s, dev CCC %s (mean %.3f)%s, %.1f s, %.1f utt/s",
+            log.info("epoch %d/%d: train loss %s, dev %s (score %.3f)%s, %.1f s, %.1f utt/s",
                      epoch + 1, epochs, f"{record['train_loss']:.4f}" if steps else "n/a",
-                     ", ".join(f"{t} {m['ccc']:.3f}" for t, m in dev["metrics"].items()),
-                     dev["mean_ccc"], " *best*" if improved else "", seconds,
+                     format_metrics(dev["metrics"]), dev["score"], " *best*" if improved else "", seconds,
                      record["utterances_per_second"] or 0)
     return history

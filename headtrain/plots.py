@@ -1,4 +1,5 @@
-"""PNG figures people look at: training curves and predicted-vs-true scatter plots.
+"""PNG figures people look at: training curves, predicted-vs-true scatter plots, confusion
+matrices and sweep summaries.
 
 Figures are built with matplotlib's `Figure` directly (no pyplot state, no backend switch)
 and returned, so tests can look at what a figure shows; `save` writes the PNG.
@@ -30,19 +31,26 @@ def best_epoch_of(history: list[dict]) -> int | None:
 
 
 def curves_figure(history: list[dict], *, best_epoch: int | None = None):
-    """Train loss and dev CCC per target, per epoch; the best epoch (default: the history's)
-    marked on both panels."""
+    """Train loss and each target's primary dev metric (CCC, or UAR) per epoch; the best epoch
+    (default: the history's) marked on both panels."""
     best_epoch = best_epoch if best_epoch is not None else best_epoch_of(history)
     from matplotlib.ticker import MaxNLocator
+
+    from .metrics import primary_metric
 
     fig, (left, right) = _figure(10, 4, columns=2)
     epochs = [r["epoch"] for r in history]
     left.plot(epochs, [r["train_loss"] if r["train_loss"] is not None else np.nan for r in history], "o-")
     left.set(xlabel="epoch", ylabel="train loss", title="training loss")
-    for target in history[0]["dev"]:
-        right.plot(epochs, [r["dev"][target]["ccc"] for r in history], "o-", label=target)
-    right.plot(epochs, [r["dev_mean_ccc"] for r in history], "k--", label="mean")
-    right.set(xlabel="epoch", ylabel="CCC", title="dev CCC")
+    names = set()
+    for target, metrics in history[0]["dev"].items():
+        name, _ = primary_metric(metrics)
+        names.add(name.upper())
+        right.plot(epochs, [primary_metric(r["dev"][target])[1] for r in history], "o-",
+                   label=f"{target} ({name.upper()})")
+    # dev_mean_ccc: the key of runs trained before categorical targets
+    right.plot(epochs, [r.get("dev_mean", r.get("dev_mean_ccc")) for r in history], "k--", label="mean")
+    right.set(xlabel="epoch", ylabel=" / ".join(sorted(names)), title="dev")
     for ax in (left, right):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         if best_epoch:
@@ -74,3 +82,54 @@ def scatter_figure(pred: np.ndarray, true: np.ndarray, targets: list[str], metri
 def plot_scatter(pred: np.ndarray, true: np.ndarray, targets: list[str], metrics: dict, path: str,
                  *, split: str) -> None:
     save(scatter_figure(pred, true, targets, metrics, split=split), path)
+
+
+def confusion_figure(target: str, metrics: dict, *, split: str):
+    """Rows: true class; columns: predicted; each cell the count and the row's share."""
+    confusion = np.asarray(metrics["confusion"])
+    classes = metrics["classes"]
+    size = 1.5 + 0.7 * len(classes)
+    fig, (ax,) = _figure(size + 1, size)
+    share = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{confusion[i, j]}\n{share[i, j]:.0%}", ha="center", va="center",
+                    fontsize=8, color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel=f"predicted {target}", ylabel=f"true {target}",
+           title=f"{target}, split '{split}', n = {int(confusion.sum())}\n"
+                 f"UAR {metrics['uar']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, "
+                 f"accuracy {metrics['accuracy']:.3f}")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
+    return fig
+
+
+def plot_confusion(target: str, metrics: dict, path: str, *, split: str) -> None:
+    save(confusion_figure(target, metrics, split=split), path)
+
+
+def summary_figure(rows: list[dict]):
+    """Mean ± std of the score per configuration of a sweep (best first, highlighted); with
+    folds, the left-out folds' score."""
+    part = "test" if "test_score_mean" in rows[0] else "dev"
+    values = [c for c in rows[0] if not c.endswith(("_mean", "_std")) and c not in ("best", "runs")]
+    labels = [", ".join(f"{c}={row[c]:g}" if isinstance(row[c], float) else f"{c}={row[c]}"
+                        for c in values) or "all runs" for row in rows]
+    means = [row[f"{part}_score_mean"] for row in rows]
+    stds = [0.0 if np.isnan(row[f"{part}_score_std"]) else row[f"{part}_score_std"] for row in rows]
+    fig, (ax,) = _figure(7, 1.2 + 0.45 * len(rows))
+    colors = ["tab:green" if row["best"] else "tab:blue" for row in rows]
+    positions = np.arange(len(rows))[::-1]
+    ax.barh(positions, means, xerr=stds, color=colors, capsize=3)
+    ax.set_yticks(positions, [f"{label} (n={row['runs']})" for label, row in zip(labels, rows)],
+                  fontsize=8)
+    ax.set(xlabel=f"{'left-out folds' if part == 'test' else 'dev'} score (mean over targets of "
+                  "CCC / UAR), mean ± std over runs",
+           title="sweep summary (best by dev score in green)")
+    return fig
+
+
+def plot_summary(rows: list[dict], path: str) -> None:
+    save(summary_figure(rows), path)

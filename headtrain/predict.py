@@ -131,14 +131,26 @@ def predict(config: PredictConfig) -> PredictResult:
         if "split" in table.column_names:
             columns["split"] = [rows[uid]["split"] for uid in ids]
         if all(t in table.column_names for t in run.targets):
-            values = np.array([[np.nan if rows[uid][t] is None else rows[uid][t] for t in run.targets]
-                               for uid in ids], dtype=np.float64).reshape(len(ids), len(run.targets))
+            values = np.array([[true_value(rows[uid][t.name], t, run.info.get("class_map"))
+                                for t in run.target_specs] for uid in ids],
+                              dtype=np.float64).reshape(len(ids), len(run.targets))
             true = values if not np.isnan(values).any() else None
     from .evaluate import write_predictions
 
-    values = np.array([pred[uid] for uid in ids]).reshape(len(ids), len(run.targets))
-    write_predictions(out, columns, run.targets, run.to_label_scale(values), true)
+    values = np.array([pred[uid] for uid in ids]).reshape(len(ids), run.spec.output_width)
+    write_predictions(out, columns, run.target_specs, run.to_label_scale(values), true)
     return PredictResult(out=str(out), predicted=len(ids), skipped=skipped)
+
+
+def true_value(value, target, class_map: dict | None) -> float:
+    """A table's label as the metrics take it: a number, or a categorical target's class
+    index after the run's class map; NaN where it has none (no truth is reported then)."""
+    if value is None:
+        return np.nan
+    if target.categorical:
+        value = class_map.get(value) if class_map else value
+        return target.classes.index(value) if value in target.classes else np.nan
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else np.nan
 
 
 @torch.no_grad()

@@ -137,12 +137,17 @@ class LoadedRun:
     info: dict  # config.json of the run (or the export's ser_head.json)
     spec: object  # ModelSpec that rebuilt `model`
     feature_extractor: object
-    targets: list[str]
-    mean: np.ndarray
-    std: np.ndarray
+    target_specs: list  # headtrain.targets.Target per target, in output order
 
-    def to_label_scale(self, standardised: np.ndarray) -> np.ndarray:
-        return standardised * self.std + self.mean
+    @property
+    def targets(self) -> list[str]:
+        return [t.name for t in self.target_specs]
+
+    def to_label_scale(self, outputs: np.ndarray) -> np.ndarray:
+        """(N, output width) head outputs -> (N, targets) label values and class indices."""
+        from .targets import to_labels
+
+        return to_labels(self.target_specs, outputs)
 
 
 def _is_targets(value) -> bool:
@@ -258,6 +263,22 @@ def load_tensors_into(module, tensors: dict[str, torch.Tensor], path: Path, *, l
     load(tensors)
 
 
+def check_class_map(path: Path, class_map, spec) -> None:
+    """A run's class map ({label value: class}, from --classes) must lead into the classes of
+    its one categorical target: evaluate and predict relabel with it.
+
+    Raises:
+        ConfigError: naming the file and what is wrong.
+    """
+    if class_map is None:
+        return
+    if (len(spec.classes) != 1 or not isinstance(class_map, dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in class_map.items())
+            or set(class_map.values()) != set(next(iter(spec.classes.values())))):
+        raise ConfigError(f"{path}: field 'class_map' must map label values to the classes of the "
+                          "run's one categorical target; the file was edited")
+
+
 def load_run(run_dir: str | Path, *, from_audio: bool, cache_layer: int | None = None,
              model: str | None = None) -> LoadedRun:
     """Rebuild a trained model from a run (or export) directory.
@@ -272,12 +293,14 @@ def load_run(run_dir: str | Path, *, from_audio: bool, cache_layer: int | None =
     from cachegen.encoder import load_model
 
     from .spec import ModelSpec
+    from .targets import targets_from_info
     from .upper import EmotionModel
 
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
     exported = info["format"] == EXPORT_FORMAT
     spec = ModelSpec.from_run_info(info, where=str(run_dir / ("ser_head.json" if exported else "config.json")))
+    check_class_map(run_dir / ("ser_head.json" if exported else "config.json"), info.get("class_map"), spec)
     weights = run_dir / ("head.safetensors" if exported else WEIGHTS)
     if weights.suffix != ".safetensors":
         raise UnsafeInput(f"{weights}: only safetensors are loaded")
@@ -315,8 +338,7 @@ def load_run(run_dir: str | Path, *, from_audio: bool, cache_layer: int | None =
         load_tensors_into(emotion.trained_state(), tensors, weights, load=emotion.load_trained_state)
     emotion.eval()
     return LoadedRun(model=emotion, info=info, spec=spec, feature_extractor=loaded.feature_extractor,
-                     targets=list(spec.targets), mean=np.array(info["label_mean"]),
-                     std=np.array(info["label_std"]))
+                     target_specs=targets_from_info(info, spec))
 
 
 
@@ -354,7 +376,8 @@ def save_checkpoint(run_dir: Path, *, model, optimizer, scheduler, state: dict) 
 def _history(value) -> bool:
     return isinstance(value, list) and all(
         isinstance(r, dict) and r.get("epoch") == i + 1 and isinstance(r.get("dev"), dict)
-        and (r.get("dev_mean_ccc") is None or is_number(r["dev_mean_ccc"])) for i, r in enumerate(value))
+        and all(r.get(k) is None or is_number(r[k]) for k in ("dev_mean", "dev_mean_ccc", "dev_score"))
+        for i, r in enumerate(value))
 
 
 STATE_FIELDS = {

@@ -6,7 +6,7 @@ predict, export and bench rebuild the network from it alone (plus the base check
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 from cachegen.errors import ConfigError
@@ -73,6 +73,8 @@ class ModelSpec:
         top_layers: transformer layers that learned (all of them for `full`).
         targets: label columns the head predicts, in output order.
         lora_rank, lora_alpha: LoRA adapter shape (used by `lora` only).
+        classes: {categorical target: its classes in logit order}; a target not named here is
+            dimensional (one output). Specs written before categorical targets have none.
     """
 
     model_id: str
@@ -83,9 +85,16 @@ class ModelSpec:
     targets: tuple[str, ...]
     lora_rank: int = 8
     lora_alpha: int = 16
+    classes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def output_width(self) -> int:
+        """The head's outputs: one per dimensional target, one logit per class."""
+        return sum(len(self.classes.get(t, ())) or 1 for t in self.targets)
 
     def to_json(self) -> dict:
-        return {**asdict(self), "strategy": self.strategy.value, "targets": list(self.targets)}
+        return {**asdict(self), "strategy": self.strategy.value, "targets": list(self.targets),
+                "classes": {t: list(c) for t, c in self.classes.items()}}
 
     @classmethod
     def from_json(cls, data: dict, *, where: str) -> ModelSpec:
@@ -107,7 +116,14 @@ class ModelSpec:
         if data["cache_layer"] < 0 or data["top_layers"] < 1 or data["lora_rank"] < 1:
             raise ConfigError(f"{where}: model_spec has cache_layer {data['cache_layer']}, top_layers "
                               f"{data['top_layers']}, lora_rank {data['lora_rank']}; out of range")
+        classes = data.get("classes", {})
+        if not isinstance(classes, dict) or not all(
+                t in data["targets"] and isinstance(c, list) and len(c) >= 2 and len(set(c)) == len(c)
+                and all(isinstance(x, str) and x for x in c) for t, c in classes.items()):
+            raise ConfigError(f"{where}: model_spec.classes must map categorical targets to lists of "
+                              "at least two distinct class names")
         return cls(**{**{n: data[n] for n in fields}, "targets": tuple(data["targets"]),
+                      "classes": {t: tuple(c) for t, c in classes.items()},
                       "strategy": Strategy.parse(data["strategy"], option=f"{where}: model_spec.strategy")})
 
     @classmethod

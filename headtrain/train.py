@@ -13,11 +13,12 @@ import torch
 from cachegen.errors import ConfigError
 
 from .data import Batching
-from .labels import Split, load_splits
+from .labels import Split
 from .spec import ModelSpec, Strategy
 
 log = logging.getLogger(__name__)
 AMP_CHOICES = ("bf16", "fp16", "no")
+CLASS_WEIGHTS = ("none", "balanced")
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,12 @@ class TrainConfig:
     device: str | None = None
     lora_rank: int = 8
     lora_alpha: int = 16
+    classes: str | None = None  # classes of a categorical target, or a preset (headtrain.targets)
+    class_weights: str = "none"  # or "balanced": cross-entropy weighted by inverse class frequency
+    loss_weights: tuple[float, ...] | None = None  # one per target (default: all 1)
     workers: int = 2
     preload: bool | None = None  # keep the store's states in memory; None: when they fit data.PRELOAD_BUDGET
+    log_with: str | None = None  # an accelerate tracker: tensorboard, wandb, mlflow, ...
     cache_dir: str | None = None
     audio_root: str | None = None
     resume: bool = False  # continue the run in `out` from its last epoch checkpoint
@@ -83,6 +88,27 @@ class TrainConfig:
             raise ConfigError("--targets: name at least one label column")
         if len(set(self.targets)) != len(self.targets):
             raise ConfigError(f"--targets {','.join(self.targets)}: a target is named twice")
+        reserved = [t for t in self.targets if t in ("id", "path", "split")]
+        if reserved:
+            raise ConfigError(f"--targets {','.join(reserved)}: id, path and split are not labels")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise ConfigError(f"--class-weights {self.class_weights!r}: choose one of {', '.join(CLASS_WEIGHTS)}")
+        if self.loss_weights is not None:
+            shown = ",".join(f"{w:g}" for w in self.loss_weights)
+            if len(self.loss_weights) != len(self.targets):
+                raise ConfigError(f"--loss-weights {shown}: give one weight per target "
+                                  f"({len(self.targets)} targets)")
+            if not all(math.isfinite(w) and w >= 0 for w in self.loss_weights) or not sum(self.loss_weights):
+                raise ConfigError(f"--loss-weights {shown}: weights must be finite, at least 0 "
+                                  "and not all 0")
+        if self.classes:
+            from .targets import parse_classes
+
+            parse_classes(self.classes)
+        if self.log_with:
+            from .tracking import check_tracker
+
+            check_tracker(self.log_with)
         if self.top_layers < 1:
             raise ConfigError(f"--top-layers {self.top_layers}: must be at least 1")
         for name in ("epochs", "batch_size"):
@@ -161,6 +187,7 @@ def _option_types() -> dict:
                             "a list of strings"),
         "tuple[float, float]": (lambda v: isinstance(v, list) and len(v) == 2 and all(map(is_number, v)),
                                 "[LOW, HIGH]"),
+        "tuple[float, ...]": (lambda v: isinstance(v, list) and all(map(is_number, v)), "a list of numbers"),
     }
     types = {}
     for f in fields(TrainConfig):
@@ -184,20 +211,54 @@ class TrainResult:
     total_parameters: int = 0
 
 
-def standardisation(split: Split) -> tuple[np.ndarray, np.ndarray]:
-    mean = split.targets.mean(0)
-    std = split.targets.std(0)
-    return mean, np.where(std > 0, std, 1.0)
+def check_top_layers(config: TrainConfig, *, layers: int, cache_layer: int) -> int:
+    """The layers that learn: K, which must fit above the cache, or every layer for `full`."""
+    top_layers = layers if config.resolved_strategy.trains_every_layer else config.top_layers
+    if top_layers > layers - cache_layer:
+        raise ConfigError(f"--top-layers {config.top_layers} is larger than the {layers - cache_layer} "
+                          f"layers above the cache (layer {cache_layer} of {layers}); use at most "
+                          f"{layers - cache_layer}, or a store built with fewer --layers")
+    return top_layers
+
+
+def load_targets(config: TrainConfig, table, table_name: str, available: set[str]):
+    """(targets, {split: Split}, class map) for the train and dev splits. A target that is a
+    text column is categorical: its classes are `--classes`, or the training split's values."""
+    from .labels import apply_classes, categorical_columns, load_splits, split_classes
+    from .targets import class_order, make_targets, parse_classes
+
+    categorical = categorical_columns(table, list(config.targets))
+    class_map = None
+    if config.classes:
+        if len(categorical) != 1:
+            raise ConfigError(f"--classes needs one categorical target (a text column such as "
+                              f"emotion); the targets have {len(categorical)}: "
+                              f"{', '.join(categorical) or 'none'}")
+        class_map = parse_classes(config.classes)
+        table = apply_classes(table, categorical[0], class_map)
+    classes = {t: class_order(class_map) if class_map else split_classes(table, t, config.train_split)
+               for t in categorical}
+    for name, values in classes.items():
+        if len(values) < 2 and not class_map:
+            raise ConfigError(f"--targets {name}: the '{config.train_split}' split has "
+                              f"{len(values)} class(es) ({', '.join(values) or 'none'}); a "
+                              "classification needs at least two")
+    splits = load_splits(table, source=table_name, targets=list(config.targets),
+                         splits=[config.train_split, config.dev_split], available=available,
+                         label_range=config.label_range, classes=classes)
+    targets = make_targets(config.targets, classes, splits[config.train_split].targets)
+    return targets, splits, class_map
 
 
 # Options that may differ when resuming: they change where and how fast, not what is computed.
 # Where the store, model and labels are may change; what they hold may not (checked by hash).
 RESUMABLE_CHANGES = {"progress", "workers", "preload", "device", "cache_dir", "resume", "overwrite", "out",
-                     "from_cache", "manifest", "model", "audio_root", "labels"}
+                     "from_cache", "manifest", "model", "audio_root", "labels", "log_with"}
 
 
-def train(config: TrainConfig) -> TrainResult:
+def train(config: TrainConfig, *, source=None) -> TrainResult:
     """Train per `config`; writes the run directory `config.out` and returns the best epoch.
+    `source`: the store opened already, as a CacheSource (headtrain.inputs.Inputs.open's `shared`).
 
     Under `accelerate launch --num_processes N`, each process trains on its slice of every
     global batch of N * batch_size utterances; only the main process writes the run directory.
@@ -219,41 +280,39 @@ def train(config: TrainConfig) -> TrainResult:
     from .evaluate import predict_split
     from .inputs import Inputs
     from .loop import fit, make_optimizer
-    from .metrics import LOSSES, mean_ccc, target_metrics
+    from .metrics import LOSSES, mean_score, primary_metric, target_metrics
     from .parallel import global_loss, local_plan
     from .plots import plot_curves
     from .run import (RUN_FORMAT, RUN_FORMAT_VERSION, WEIGHTS, load_checkpoint, save_checkpoint,
                       save_tensors, write_json, writing)
+    from .targets import class_weights, multitask_loss, standardised, to_labels
+    from .tracking import PROJECT, epoch_values, run_options
     from .upper import EmotionModel, count_parameters
 
     config.validate()
     run_dir = Path(config.out)
     saved_info = check_resumable(config, run_dir) if config.resume else None
     replaced = run_files_in_the_way(run_dir, resume=config.resume, overwrite=config.overwrite)
-    accelerator = Accelerator(mixed_precision=config.resolved_amp, cpu=config.resolved_device == "cpu")
+    accelerator = Accelerator(mixed_precision=config.resolved_amp, cpu=config.resolved_device == "cpu",
+                              log_with=config.log_with, project_dir=str(run_dir) if config.log_with else None)
     strategy = config.resolved_strategy
     inputs = Inputs.open(from_cache=config.from_cache, manifest=config.manifest, labels=config.labels,
-                         cache_dir=config.cache_dir, audio_root=config.audio_root, preload=config.preload)
+                         cache_dir=config.cache_dir, audio_root=config.audio_root, preload=config.preload,
+                         shared=source)
     loaded = load_model(config.model or inputs.model_id)
     inputs.check_model(loaded)
     source, cache_layer, store_meta = inputs.source(loaded.model, loaded.feature_extractor), inputs.cache_layer, inputs.meta
     layers = loaded.num_layers
-    top_layers = layers if strategy.trains_every_layer else config.top_layers
-    if top_layers > layers - cache_layer:
-        raise ConfigError(f"--top-layers {config.top_layers} is larger than the {layers - cache_layer} "
-                          f"layers above the cache (layer {cache_layer} of {layers}); use at most "
-                          f"{layers - cache_layer}, or a store built with fewer --layers")
-    splits = load_splits(inputs.table, source=inputs.table_name, targets=list(config.targets),
-                         splits=[config.train_split, config.dev_split], available=inputs.available,
-                         label_range=config.label_range)
+    top_layers = check_top_layers(config, layers=layers, cache_layer=cache_layer)
+    targets, splits, class_map = load_targets(config, inputs.table, inputs.table_name, inputs.available)
     train_split, dev_split = splits[config.train_split], splits[config.dev_split]
-    mean, std = standardisation(train_split)
 
     total = sum(p.numel() for p in loaded.model.parameters())  # the whole base model
     set_seed(config.seed)
     spec = ModelSpec(model_id=loaded.model_id, model_sha256=loaded.weights_sha256, strategy=strategy,
                      cache_layer=cache_layer, top_layers=top_layers, targets=tuple(config.targets),
-                     lora_rank=config.lora_rank, lora_alpha=config.lora_alpha)
+                     lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+                     classes={t.name: t.classes for t in targets if t.categorical})
     model = EmotionModel.from_spec(loaded.model, spec, from_audio=config.from_audio,
                                    cache_layer=cache_layer, dropout=config.dropout)
     trainable, _ = count_parameters(model)
@@ -275,7 +334,7 @@ def train(config: TrainConfig) -> TrainResult:
     # process takes one step of the same global batch
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
-    train_targets = (train_split.targets - mean) / std
+    train_targets = standardised(targets, train_split.targets)
 
     def train_batches(epoch: int):
         for batch in iterate_batches(source, train_split.ids, train_targets, epoch_plan(epoch),
@@ -286,10 +345,10 @@ def train(config: TrainConfig) -> TrainResult:
     def evaluate() -> dict:
         pred = predict_split(model, source, dev_split.ids, batch_size=config.batch_size,
                              device=device, accelerator=accelerator, workers=config.workers)
-        metrics = target_metrics(pred * std + mean, dev_split.targets, list(config.targets))
-        average = mean_ccc(metrics)
-        return {"metrics": metrics, "mean_ccc": average,
-                "score": average if config.select == "mean" else metrics[config.select]["ccc"]}
+        metrics = target_metrics(to_labels(targets, pred), dev_split.targets, targets)
+        average = mean_score(metrics)
+        return {"metrics": metrics, "mean": average,
+                "score": average if config.select == "mean" else primary_metric(metrics[config.select])[1]}
 
     info = {
         "format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "strategy": strategy.value,
@@ -297,7 +356,8 @@ def train(config: TrainConfig) -> TrainResult:
         "model_id": loaded.model_id, "model_sha256": loaded.weights_sha256,
         "num_hidden_layers": layers, "hidden_size": loaded.hidden_size,
         "cache_layer": cache_layer, "top_layers": top_layers,
-        "targets": list(config.targets), "label_mean": mean.tolist(), "label_std": std.tolist(),
+        "targets": list(config.targets), "label_mean": [t.mean for t in targets],
+        "label_std": [t.std for t in targets], "class_map": class_map,
         "lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha,
         "trainable_parameters": trainable, "total_parameters": total,
         "store": None if store_meta is None else {
@@ -335,9 +395,13 @@ def train(config: TrainConfig) -> TrainResult:
             if not config.resume:
                 write_json({**info, "best_epoch": None, "best_dev": None}, run_dir / "config.json")
     accelerator.wait_for_everyone()
+    if config.log_with:
+        accelerator.init_trackers(PROJECT, config=run_options(config))
 
     def on_epoch(record: dict, improved: bool) -> None:
         history.append(record)
+        if config.log_with:
+            accelerator.log(epoch_values(record), step=record["epoch"])
         if improved:
             best.update(epoch=record["epoch"], dev=record["dev"], mean=record["dev_score"])
         if accelerator.is_main_process:
@@ -355,28 +419,40 @@ def train(config: TrainConfig) -> TrainResult:
                 plot_curves(history, str(run_dir / "curves.png"))
         accelerator.wait_for_everyone()
 
+    weights = None
+    if config.class_weights == "balanced":
+        weights = {t.name: class_weights(t, train_split.targets[:, i])
+                   for i, t in enumerate(targets) if t.categorical}
+    loss = multitask_loss(targets, dimensional=LOSSES[config.loss],
+                          weights=config.loss_weights or [1.0] * len(targets), class_weights=weights)
     if accelerator.is_main_process:
         log.info("training %s: %d of %d parameters (%.1f%%) learn; %d train / %d dev utterances; "
                  "amp %s on %s%s", strategy, trainable, total, 100 * trainable / total,
                  len(train_split.ids), len(dev_split.ids), config.resolved_amp, device,
                  f", {processes} processes" if processes > 1 else "")
     fit(model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
-        loss_fn=global_loss(LOSSES[config.loss], accelerator), epochs=config.epochs, clip=config.clip,
+        loss_fn=global_loss(loss, accelerator), epochs=config.epochs, clip=config.clip,
         train_batches=train_batches, evaluate=evaluate, on_epoch=on_epoch,
         early_stop=config.early_stop, progress=config.progress, steps_per_epoch=steps_per_epoch,
         start_epoch=start_epoch, best=best["mean"],
         stale=history[-1].get("epochs_without_gain", 0) if history else 0)
     if accelerator.is_main_process:
         with writing(run_dir, hint=resume_hint):
-            if best["epoch"] == 0:  # dev CCC was never finite: keep the last weights, flagged
+            if best["epoch"] == 0:  # dev score was never finite: keep the last weights, flagged
                 save_tensors(accelerator.unwrap_model(model).trained_state(), run_dir / WEIGHTS)
                 write_json({**info, "best_epoch": len(history), "best_dev": history[-1]["dev"]},
                            run_dir / "config.json")
             # metrics.json last: a run directory without it is a training that did not finish
             write_json({"best_epoch": best["epoch"], "dev": best["dev"]}, run_dir / "metrics.json")
+    if config.log_with:
+        accelerator.end_training()
     accelerator.wait_for_everyone()
     return TrainResult(run_dir=str(run_dir), best_epoch=best["epoch"], best_dev=best["dev"],
                        history=history, trainable_parameters=trainable, total_parameters=total)
+
+
+# Options added after runs were first saved: an older run's config.json lacks them.
+ADDED_OPTIONS = ("classes", "class_weights", "loss_weights", "log_with")
 
 
 def saved_options(run_dir: Path) -> tuple[dict, dict]:
@@ -398,12 +474,14 @@ def saved_options(run_dir: Path) -> tuple[dict, dict]:
         "store": (lambda v: v is None or isinstance(v, dict), "an object or null"),
         "labels_sha256": (lambda v: isinstance(v, str), "a sha256 hex digest")})
     saved = dict(info["config"])
+    for name in ADDED_OPTIONS:  # a run from before they existed trained with their defaults
+        saved.setdefault(name, TrainConfig.__dataclass_fields__[name].default)
     check_fields(path, saved, OPTION_TYPES, prefix="config.")
     unknown = sorted(set(saved) - set(OPTION_TYPES))
     if unknown:
         raise ConfigError(f"{path}: field 'config.{unknown[0]}' is not an option of this ser's "
                           "`ser train`; the run comes from another version, or the file was edited")
-    for name in ("targets", "label_range"):
+    for name in ("targets", "label_range", "loss_weights"):
         saved[name] = None if saved[name] is None else tuple(saved[name])
     return info, saved
 

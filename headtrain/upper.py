@@ -78,7 +78,7 @@ class EmotionModel(nn.Module):
                   dropout: float = 0.0, merged: bool = False) -> "EmotionModel":
         """The network `spec` describes, fed from audio or from states at `cache_layer`."""
         return cls(backbone, strategy=spec.strategy, cache_layer=cache_layer, top_layers=spec.top_layers,
-                   targets=len(spec.targets), dropout=dropout, from_audio=from_audio,
+                   targets=spec.output_width, dropout=dropout, from_audio=from_audio,
                    lora_rank=spec.lora_rank, lora_alpha=spec.lora_alpha, merged=merged)
 
     def trained_layers(self) -> list[nn.Module]:

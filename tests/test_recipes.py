@@ -218,7 +218,7 @@ def test_iemocap_rows(tmp_path):
         "path": ("IEMOCAP_full_release/Session1/sentences/wav/Ses01F_impro01/"
                  "Ses01F_impro01_F000.wav"),
         "split": "train", "activation": "4.0", "valence": "1.5", "dominance": "3.1",
-        "speaker": "Ses01_F", "gender": "F", "emotion": "neutral"}
+        "speaker": "Ses01_F", "gender": "F", "emotion": "neutral", "session": "Ses01"}
     male = rows["Ses01F_impro01_M000"]
     assert (male["speaker"], male["gender"], male["emotion"]) == ("Ses01_M", "M", "no_agreement")
     assert rows["Ses02F_impro01_F000"]["dominance"] == "3.2"  # the CRLF file

@@ -50,6 +50,7 @@ def _turns(path: Path) -> Rows:
                 "valence": number_cell(valence, field="valence", where=where),
                 "dominance": number_cell(dominance, field="dominance", where=where),
                 "speaker": f"{name.group(1)}_{name.group(2)}",
+                "session": name.group(1),  # for leave-one-session-out folds
                 "gender": name.group(2),
                 "emotion": EMOTIONS[category],
             }))
@@ -108,4 +109,4 @@ def prepare_iemocap(root: str | Path, *, out: str | Path, test_session: int = 5,
     skipped = check_missing(missing, total=total, source=f"{root}/Session*/dialog/EmoEvaluation",
                             audio_dir=f"{root}/Session*/sentences/wav",
                             skip_missing=skip_missing)
-    return finish(rows, columns=CORPUS_COLUMNS, out=out, skipped=skipped, notes=notes)
+    return finish(rows, columns=[*CORPUS_COLUMNS, "session"], out=out, skipped=skipped, notes=notes)
