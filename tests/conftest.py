@@ -40,7 +40,3 @@ def built_store(tmp_path_factory, tiny_model, corpus):
     assert not summary.failed
     return out
 
-
-# Test modules import helpers from tests/helpers.py. This name stays importable from conftest
-# only for test modules written on branches before helpers.py existed; do not use it in new ones.
-from helpers import run_cli  # noqa: E402,F401
