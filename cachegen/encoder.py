@@ -370,19 +370,33 @@ def drop_cached(model, cache_layer: int) -> None:
     model.encoder.layers = nn.ModuleList(layers[cache_layer:])
 
 
-class LowerStack:
-    """Feature encoder and the lower `layers` transformer layers, frozen, in eval mode."""
+# storage dtypes that are the float32 states cast: the cast runs on the device, before the copy
+# to the host, so that a GPU hands over half the bytes and the CPU converts nothing (casts round
+# to nearest even on CPU and CUDA alike: the stored bytes do not depend on where it ran)
+DEVICE_CASTS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
-    def __init__(self, model, layers: int, *, device: str = "cpu"):
+
+def to_host(rows: torch.Tensor, dtype: str) -> torch.Tensor:
+    """One utterance's (frames, hidden) states on the host, in `dtype` when it is a plain cast
+    (DEVICE_CASTS), else float32 (int8 is quantised on the host from float32)."""
+    return rows.to(DEVICE_CASTS.get(dtype, torch.float32)).cpu()
+
+
+class LowerStack:
+    """Feature encoder and the lower `layers` transformer layers, frozen, in eval mode; hands
+    over states in the storage `dtype` when that is a plain cast (`to_host`)."""
+
+    def __init__(self, model, layers: int, *, device: str = "cpu", dtype: str = "float32"):
         self.model = model.eval().to(device)
         self.layers = layers
         self.device = device
+        self.dtype = dtype
 
     @torch.inference_mode()
     def __call__(self, waveforms: list[np.ndarray]) -> list[torch.Tensor]:
-        """Normalised 16 kHz waveforms -> one (frames, hidden) float32 tensor per utterance."""
+        """Normalised 16 kHz waveforms -> one (frames, hidden) tensor per utterance (`to_host`)."""
         tensors = [torch.from_numpy(np.asarray(w, dtype=np.float32)).to(self.device) for w in waveforms]
         hidden, mask = embed(self.model, tensors)
         hidden = run_layers(self.model, self.model.encoder.layers[:self.layers], hidden, mask)
         counts = mask.sum(dim=1).tolist()
-        return [hidden[i, :n].float().cpu() for i, n in enumerate(counts)]
+        return [to_host(hidden[i, :n], self.dtype) for i, n in enumerate(counts)]

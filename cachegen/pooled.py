@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .encoder import embed, run_layers
+from .encoder import embed, run_layers, to_host
 
 
 def each_layer(model, hidden: torch.Tensor, mask: torch.Tensor, *,
@@ -51,15 +51,17 @@ class PooledStack:
     """Like `LowerStack`, and also each utterance's (layers, 2, D) mean and std over frames of
     `pooled` hidden states (float32; population std). Runs every layer up to max(pooled, L)."""
 
-    def __init__(self, model, layers: int, pooled: tuple[int, ...], *, device: str = "cpu"):
+    def __init__(self, model, layers: int, pooled: tuple[int, ...], *, device: str = "cpu",
+                 dtype: str = "float32"):
         self.model = model.eval().to(device)
         self.layers = layers
         self.pooled = tuple(pooled)
         self.device = device
+        self.dtype = dtype
 
     @torch.inference_mode()
     def __call__(self, waveforms: list[np.ndarray]) -> tuple[list[torch.Tensor], list[np.ndarray]]:
-        """Normalised 16 kHz waveforms -> ((frames, D) float32 states at layer L, (layers, 2, D)
+        """Normalised 16 kHz waveforms -> ((frames, D) states at layer L (`to_host`), (layers, 2, D)
         float32 statistics) per utterance."""
         tensors = [torch.from_numpy(np.asarray(w, dtype=np.float32)).to(self.device) for w in waveforms]
         hidden, mask = embed(self.model, tensors)
@@ -69,7 +71,7 @@ class PooledStack:
         last = max(self.pooled + (self.layers,))
         for index, layer_hidden in each_layer(self.model, hidden, mask):
             if index == self.layers:
-                states = [layer_hidden[i, :n].float().cpu() for i, n in enumerate(counts)]
+                states = [to_host(layer_hidden[i, :n], self.dtype) for i, n in enumerate(counts)]
             if index in self.pooled:
                 slot = self.pooled.index(index)
                 for i, n in enumerate(counts):

@@ -99,7 +99,8 @@ def storage_width(hidden: int, dtype: str) -> int:
 
 
 def to_storage(states, dtype: str) -> np.ndarray:
-    """float32 torch tensor (frames, hidden) -> numpy array in the storage dtype.
+    """torch tensor (frames, hidden), float32 or already in the storage dtype -> numpy array
+    in the storage dtype.
 
     int8 is quantised per frame: scale = max |x| over the frame's channels / 127, value =
     round(x / scale), so that every value is within scale / 2 = max |x| / 254 of the float32

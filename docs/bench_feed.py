@@ -212,15 +212,19 @@ def worker(args) -> None:
 
 
 class StandInForward:
-    """The lower stack replaced by states of the right shape: a fresh float32 copy of a window
-    of a fixed bank of noise per utterance (what `.float().cpu()` hands over after a GPU
-    forward), so the build's every other step runs as it would on a GPU that costs nothing."""
+    """The lower stack replaced by states of the right shape: a fresh copy of a window of a
+    fixed bank of noise per utterance, in the dtype the lower stack hands over after a GPU
+    forward (`cachegen.encoder.to_host`: float16 for float16 stores, cast on the device; code
+    before that change passes no dtype and gets float32, as its `.float().cpu()` did), so the
+    build's every other step runs as it would on a GPU that costs nothing."""
 
-    def __init__(self, model, layers: int, *, device: str = "cpu"):
+    def __init__(self, model, layers: int, *, device: str = "cpu", dtype: str = "float32"):
         from cachegen.encoder import frame_counts
 
         self.model, self.frame_counts, self.offset = model, frame_counts, 0
-        self.bank = np.random.default_rng(0).standard_normal((8192, model.config.hidden_size), dtype=np.float32)
+        handed = np.float16 if dtype == "float16" else np.float32
+        self.bank = np.random.default_rng(0).standard_normal(
+            (8192, model.config.hidden_size), dtype=np.float32).astype(handed)
 
     def __call__(self, waveforms):
         import torch
@@ -321,9 +325,9 @@ def build_parts(args, workdir: Path) -> dict:
                  lambda x: soxr.resample(x[1], x[0], 16000, quality="HQ"),
                  [(d[1], x) for d, x in zip([d for d in decoded if d[1] != 16000], native)])
         normalised = step("normalise", lambda d: normalise(loaded.feature_extractor, d[0]), decoded)
-        forward = StandInForward(loaded.model, 9)
-        states = step("stand-in forward (a float32 copy)", lambda w: forward([w])[0], normalised)
-        half = step("convert to float16", lambda s: store.to_storage(s, "float16"), states)
+        forward = StandInForward(loaded.model, 9, dtype="float16")
+        states = step("stand-in forward (a float16 copy: cast on the device)", lambda w: forward([w])[0], normalised)
+        half = step("to the storage dtype (to_storage; float16 already)", lambda s: store.to_storage(s, "float16"), states)
         step("checksum (CRC-32C)", lambda h: store.checksum(h), half)
         path = workdir / "parts.zarr"
         meta = {"format": store.FORMAT, "format_version": store.FORMAT_VERSION, "dtype": "float16",

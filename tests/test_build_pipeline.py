@@ -67,27 +67,103 @@ def test_shard_files_are_byte_for_byte_what_zarr_writes(dtype, tmp_path):
 @pytest.mark.parametrize("mask", [False, True])
 @pytest.mark.parametrize("do_normalize", [True, False])
 def test_normalise_equals_the_feature_extractor(mask, do_normalize):
+    """Bit for bit, over lengths from one sample up and levels from near silence to far
+    beyond [-1, 1], with and without an offset, and 16-bit quantised samples."""
     from transformers import Wav2Vec2FeatureExtractor
 
     extractor = Wav2Vec2FeatureExtractor(do_normalize=do_normalize, return_attention_mask=mask)
-    samples = (np.random.default_rng(1).standard_normal(23456) * 0.2 + 0.05).astype(np.float32)
-    expected = extractor(samples, sampling_rate=16000, return_tensors="np").input_values[0]
-    got = normalise(extractor, samples)
-    assert got.dtype == expected.dtype and got.tobytes() == expected.tobytes()
+    rng = np.random.default_rng(1)
+    for n in (1, 2, 401, 23456, 160001):
+        for scale, offset in ((1e-4, 0.0), (0.2, 0.05), (1.0, -0.3), (300.0, 7.0)):
+            samples = (rng.standard_normal(n) * scale + offset).astype(np.float32)
+            if scale == 1.0:
+                samples = np.rint(samples.clip(-1, 1) * 32767) / np.float32(32768)
+            expected = extractor(samples, sampling_rate=16000, return_tensors="np").input_values[0]
+            got = normalise(extractor, samples)
+            assert got.dtype == expected.dtype and got.tobytes() == expected.tobytes(), (n, scale)
 
 
 @pytest.mark.parametrize("channels", [1, 2])
-def test_16_bit_wav_decodes_to_libsndfiles_own_floats(channels, tmp_path):
-    from cachegen.audio import load_audio
+@pytest.mark.parametrize("cut", [0, 7])
+def test_16_bit_wav_decodes_to_libsndfiles_own_floats(channels, cut, tmp_path):
+    """Through the fast path, and (a data chunk cut short) through libsndfile."""
+    from cachegen.audio import load_audio, plain_pcm16_wav
 
     pcm = np.random.default_rng(2).integers(-2**15, 2**15, size=(8000, channels)).astype(np.int16)
     pcm[:2] = [[-2**15] * channels, [2**15 - 1] * channels]  # the extremes
     path = tmp_path / "x.wav"
     sf.write(path, pcm, 16000, subtype="PCM_16")
+    if cut:
+        path.write_bytes(path.read_bytes()[:-cut])
+    assert (plain_pcm16_wav(path.read_bytes()) is None) == bool(cut)
     reference = sf.read(io.BytesIO(path.read_bytes()), dtype="float32", always_2d=True)[0]
     reference = reference.mean(axis=1) if channels > 1 else reference[:, 0]
     samples, rate, _ = load_audio(str(path))
     assert rate == 16000 and samples.tobytes() == np.ascontiguousarray(reference, np.float32).tobytes()
+
+
+def wav_bytes(pcm: np.ndarray, *, rate: int = 16000, chunks: tuple = ()) -> bytes:
+    """A 16-bit PCM WAV file written by hand, with extra `(id, payload)` chunks before the data."""
+    import struct
+
+    channels = pcm.shape[1]
+    body = b"fmt " + struct.pack("<IHHIIHH", 16, 1, channels, rate, rate * 2 * channels, 2 * channels, 16)
+    for cid, payload in chunks:
+        body += cid + struct.pack("<I", len(payload)) + payload + b"\0" * (len(payload) % 2)
+    data = pcm.astype("<i2").tobytes()
+    body += b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WAVE" + body
+
+
+def libsndfile(data: bytes):
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            return f.read(dtype="float32", always_2d=True), f.samplerate
+    except Exception:  # libsndfile raises several types for corrupt input
+        return None
+
+
+def test_fast_wav_path_reads_exactly_what_libsndfile_reads_or_leaves_the_file_to_it():
+    """`plain_pcm16_wav` takes plain 16-bit PCM WAV (what soundfile and most tools write, with
+    LIST/JUNK/fact chunks, odd-sized chunks padded) and leaves everything else to libsndfile.
+    Thousands of files with damaged headers (bytes overwritten or bit-flipped in the first 80
+    bytes, some cut short): whenever the fast path takes one, libsndfile opens it too and
+    reads the same samples at the same rate."""
+    from cachegen.audio import plain_pcm16_wav
+
+    rng = np.random.default_rng(0)
+    pcm = rng.integers(-2**15, 2**15, size=(999, 2)).astype(np.int16)
+    bases = [wav_bytes(pcm[:, :1]), wav_bytes(pcm, rate=44100),
+             wav_bytes(pcm[:, :1], chunks=[(b"LIST", b"INFOISFT\3\0\0\0ab\0"), (b"JUNK", b"123"),
+                                          (b"fact", b"\xe7\3\0\0")])]
+    for subtype, fmt in (("PCM_16", "WAV"), ("PCM_16", "WAVEX"), ("PCM_24", "WAV"), ("FLOAT", "WAV")):
+        sink = io.BytesIO()
+        sf.write(sink, pcm, 22050, subtype=subtype, format=fmt)
+        bases.append(sink.getvalue())
+    taken = [plain_pcm16_wav(b) is not None for b in bases]
+    assert taken == [True, True, True, True, False, False, False]  # WAVEX/24-bit/float: libsndfile
+    assert plain_pcm16_wav(bases[0][:-10]) is None  # a data chunk cut short: libsndfile's rules
+    assert plain_pcm16_wav(b"RIFX" + bases[0][4:]) is None
+    checked = 0
+    for trial in range(2400):
+        damaged = bytearray(bases[trial % len(bases)])
+        for _ in range(int(rng.integers(1, 4))):
+            where = int(rng.integers(0, 80 if rng.random() < 0.7 else 12))
+            if rng.random() < 0.5:
+                damaged[where] = int(rng.integers(0, 256))
+            else:
+                damaged[where] ^= 1 << int(rng.integers(0, 8))
+        if rng.random() < 0.2:
+            damaged = damaged[:int(rng.integers(12, len(damaged)))]
+        fast = plain_pcm16_wav(bytes(damaged))
+        if fast is None:
+            continue
+        reference = libsndfile(bytes(damaged))
+        assert reference is not None, bytes(damaged[:48]).hex()
+        values = np.multiply(fast[0], np.float32(1 / 32768), dtype=np.float32)
+        assert fast[1] == reference[1] and values.tobytes() == reference[0].tobytes()
+        checked += 1
+    assert checked > 200  # the fast path was exercised, not only refused
 
 
 def test_write_stage_keeps_order_and_raises_a_batch_error_in_the_caller():
@@ -227,3 +303,23 @@ def test_kill_between_stages_loses_nothing_committed_and_resumes_to_the_same_sta
             assert np.array_equal(reader[uid], states), uid
     assert run_cli("cache", "verify", out).exit_code == 0
 
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_states_cast_before_the_host_copy_store_the_same_bytes(dtype, tiny_model):
+    """The lower stack casts 16-bit states on the device (half the bytes to copy, nothing to
+    convert on the host): the stored values are exactly those of casting float32 on the host."""
+    import torch
+
+    from cachegen.encoder import LowerStack, load_model
+    from cachegen.pooled import PooledStack
+    from cachegen.store import to_storage
+
+    loaded = load_model(tiny_model)
+    waves = [np.random.default_rng(n).standard_normal(n).astype(np.float32) for n in (4000, 6100)]
+    plain = LowerStack(loaded.model, 2)(waves)
+    cast = LowerStack(loaded.model, 2, dtype=dtype)(waves)
+    pooled_cast = PooledStack(loaded.model, 2, (1, 2), dtype=dtype)(waves)[0]
+    for p, c, pc in zip(plain, cast, pooled_cast):
+        assert p.dtype == torch.float32 and c.dtype == pc.dtype == getattr(torch, dtype)
+        assert to_storage(c, dtype).tobytes() == to_storage(p, dtype).tobytes() == to_storage(pc, dtype).tobytes()
