@@ -26,7 +26,7 @@ its own store of the same states with its own writer and defaults, then measures
   3-11 s, 16 kHz, and again half 16 kHz, half 44.1 kHz), with the lower stack replaced by a
   stand-in returning states of the right shape; x real time of the build's loop.
 
-`--only build --before REF` measures just the build: REF's code and this checkout's, one
+`--only build --before REF[,REF2]` measures just the build: each REF's code and this checkout's, one
 subprocess per build and corpus, alternating for `--repeats` rounds (best of each), then each
 step of this checkout's build alone on one thread (x real time per CPU second: what limits
 the build when the cores are not shared).
@@ -409,7 +409,9 @@ def main() -> None:
     work = commands.add_parser("worker", help="(internal) measure the code on PYTHONPATH")
     work.add_argument("--label", required=True)
     work.add_argument("--states", required=True)
-    parser.add_argument("--before", default=None, help="git commit to measure as 'before'")
+    parser.add_argument("--before", default=None,
+                        help="git commit(s) to measure as 'before' (comma-separated; the first is "
+                             "the one 'after / before' divides by)")
     parser.add_argument("--only", choices=["build"], default=None,
                         help="measure only the build with a stand-in forward: each code version "
                              "--repeats times, alternating (best of each), then each step alone")
@@ -422,13 +424,15 @@ def main() -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     codes = []
-    if args.before:
-        before = workdir / f"code-{args.before}"
+    for ref in (args.before or "").split(","):
+        if not ref:
+            continue
+        before = workdir / f"code-{ref}"
         if not before.exists():
             before.mkdir()
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.before], capture_output=True, check=True)
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], capture_output=True, check=True)
             subprocess.run(["tar", "-x", "-C", str(before)], input=archive.stdout, check=True)
-        codes.append((f"before ({args.before})", before))
+        codes.append((f"before ({ref})", before))
     codes.append(("after (this checkout)", ROOT))
     if args.only == "build":
         build_only(args, codes, load)
