@@ -233,13 +233,16 @@ _CLASS_OPTIONS = (
 
 
 @main.command("train")
-@click.option("--from-cache", "from_cache", default=None, help="Store to train from (strategy cached).")
+@click.option("--from-cache", "from_cache", default=None,
+              help="Store to train from (strategies cached, lora, weighted-sum).")
 @click.option("--manifest", default=None, type=click.Path(dir_okay=False),
               help="Manifest to train from audio (strategies partial, full, lora).")
 @click.option("--model", default=None, help="Base checkpoint (default: the store's; "
               "facebook/wav2vec2-base from audio).")
-@click.option("--strategy", type=click.Choice(["cached", "partial", "full", "lora"]), default=None,
-              help="Default: cached with --from-cache, partial with --manifest.")
+@click.option("--strategy", default=None, metavar="cached|partial|full|lora|weighted-sum",
+              help="Default: cached with --from-cache, partial with --manifest. weighted-sum: "
+                   "the frozen model's baseline (SUPERB): learnt softmax weights over the "
+                   "layers of a store built with --pooled-layers, and the head.")
 @click.option("--top-layers", default=3, show_default=True, help="Transformer layers finetuned (K).")
 @click.option("--targets", default="activation,valence,dominance", show_default=True,
               help="Label columns to predict, comma-separated.")
@@ -350,7 +353,7 @@ _SWEPT = ("seeds", "top_layers", "lr", "head_lr", "dropout", "weight_decay", "wa
 @click.option("--batch-size", default=None, help="List.")
 @click.option("--epochs", default=None, help="List.")
 @click.option("--loss", default=None, help="List of ccc, mse.")
-@click.option("--strategy", default=None, help="List of cached, lora (from a store).")
+@click.option("--strategy", default=None, help="List of cached, lora, weighted-sum (from a store).")
 @click.option("--max-frames", default=None, help="List.")
 @click.option("--clip", default=None, help="List.")
 @click.option("--class-weights", default=None, help="List of none, balanced.")

@@ -310,7 +310,14 @@ class CacheReader:
         self.store.limits = chunk_limits(location, meta, consolidated[ARRAY])
         group = zarr.open_group(self.store, mode="r", zarr_format=3, use_consolidated=True)
         self.states = group[ARRAY]
-        self.pooled_layers: list[int] = list(meta.get("pooled_layers") or [])
+        pooled = meta.get("pooled_layers") or []
+        if not isinstance(pooled, list) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= meta["num_hidden_layers"]
+                for n in pooled) or pooled != sorted(set(pooled)):
+            raise StoreCorrupt(f"{location}: zarr.json metadata: field 'pooled_layers' is "
+                               f"{json.dumps(pooled)[:60]}, expected distinct layer numbers in "
+                               f"0..{meta['num_hidden_layers']}, in increasing order")
+        self.pooled_layers: list[int] = pooled
         self.pooled_array = None
         if self.pooled_layers:
             expected = math.prod(pooled_shape(meta))

@@ -266,6 +266,9 @@ def analyze_change(config: ChangeConfig, *, progress: bool = True) -> dict:
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     run = load_run(config.run, from_audio=True, model=config.model)
     spec: ModelSpec = run.spec
+    if spec.strategy.reads_pooled:
+        raise ConfigError(f"{config.run}: a {spec.strategy} run trains no layer of the model, so no "
+                          "layer changed; its layer_weights.json shows which layers it uses")
     finetuned = run.model.backbone
     merge_lora(finetuned)
     base = load_model(config.model or spec.model_id)
@@ -556,35 +559,18 @@ def analyze_probe(config: ProbeConfig, *, progress: bool = True) -> dict:
     return result
 
 
-class WeightedSumHead(torch.nn.Module):
-    """SUPERB's learnable weighted sum of layers, then the regression head of `ser train`.
-
-    Mean pooling is linear, so the weighted sum of the layers' pooled means equals mean pooling
-    of the weighted sum of their frame states: no frames need to be stored."""
-
-    def __init__(self, layers: int, hidden: int, targets: int):
-        super().__init__()
-        from .upper import Head
-
-        self.layer_logits = torch.nn.Parameter(torch.zeros(layers))
-        self.head = Head(hidden, targets, dropout=0.0)
-
-    def forward(self, means: torch.Tensor) -> torch.Tensor:
-        """means: (B, layers, D) pooled means -> (B, targets)."""
-        mixed = (torch.softmax(self.layer_logits, 0)[None, :, None] * means).sum(1)  # (B, D)
-        return self.head(mixed[:, None, :], torch.ones(len(mixed), 1, dtype=torch.bool))
-
-
 def train_weighted_sum(train_means: np.ndarray, train_y: np.ndarray, dev_means: np.ndarray,
                        dev_y: np.ndarray, targets: list[str], *, layers: list[int],
                        config: ProbeConfig) -> dict:
     """Full-batch AdamW on the CCC loss of standardised targets; returns dev metrics and the
-    softmax layer weights after the last epoch."""
+    softmax layer weights after the last epoch. `ser train --strategy weighted-sum` trains the
+    same network (upper.WeightedSumHead) as a run."""
     from .metrics import ccc_loss, target_metrics
+    from .upper import WeightedSumHead
 
     torch.manual_seed(config.seed)
     y_mean, y_std = train_y.mean(0), np.where(train_y.std(0) > 0, train_y.std(0), 1.0)
-    model = WeightedSumHead(len(layers), train_means.shape[-1], len(targets))
+    model = WeightedSumHead(len(layers), train_means.shape[-1], len(targets), dropout=0.0)
     x = torch.as_tensor(train_means, dtype=torch.float32)
     y = torch.as_tensor((train_y - y_mean) / y_std, dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
@@ -596,7 +582,7 @@ def train_weighted_sum(train_means: np.ndarray, train_y: np.ndarray, dev_means: 
     model.eval()
     with torch.no_grad():
         pred = model(torch.as_tensor(dev_means, dtype=torch.float32)).numpy() * y_std + y_mean
-        weights = torch.softmax(model.layer_logits, 0).tolist()
+        weights = model.layer_weights().tolist()
     metrics = target_metrics(pred, dev_y, targets)
     return {"dev": {t: metrics[t]["ccc"] for t in targets},
             "mean_ccc": float(np.mean([metrics[t]["ccc"] for t in targets])),
@@ -619,7 +605,7 @@ def probe_text(result: dict) -> str:
 
 def plot_probe(result: dict, path: str) -> None:
     """Dev CCC of each layer's probe per target (and the weighted sum's layer weights)."""
-    from .plots import _figure, save
+    from .plots import _figure, bar_layer_weights, save
 
     rows = result["layers"]
     panels = 2 if "weighted_sum" in result else 1
@@ -635,8 +621,6 @@ def plot_probe(result: dict, path: str) -> None:
            title=f"probe per layer; best {result['best_layer']}, K = {result['suggested_top_layers']}")
     ax.legend()
     if panels == 2:
-        weights = result["weighted_sum"]["layer_weights"]
-        axes[1].bar([int(k) for k in weights], list(weights.values()), color="tab:green")
-        axes[1].set(xlabel="layer", ylabel="softmax weight",
-                    title=f"weighted sum: dev CCC {result['weighted_sum']['mean_ccc']:.3f}")
+        bar_layer_weights(axes[1], result["weighted_sum"]["layer_weights"],
+                          title=f"weighted sum: dev CCC {result['weighted_sum']['mean_ccc']:.3f}")
     save(fig, path)

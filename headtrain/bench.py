@@ -47,10 +47,14 @@ class BenchConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        from .spec import STRATEGIES
+        from .spec import STRATEGIES, Strategy
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown:
             raise ConfigError(f"--strategies: unknown {', '.join(unknown)}; choose from {', '.join(STRATEGIES)}")
+        pooled = [s for s in self.strategies if Strategy.parse(s).reads_pooled]
+        if pooled:
+            raise ConfigError(f"--strategies {pooled[0]}: trains on pooled means and runs no layer of "
+                              "the model; bench compares strategies that run layers")
         if self.steps < 1 or self.warmup_steps < 0 or self.batch_size < 1:
             raise ConfigError("--steps and --batch-size must be at least 1, --warmup-steps at least 0")
         if self.amp not in ("bf16", "fp16", "no"):

@@ -41,8 +41,8 @@ class Batching(str, Enum):
 @dataclass
 class Batch:
     ids: list[str]
-    inputs: object  # (B, T, D) float32 states, or a list of (S_i,) waveforms
-    mask: torch.Tensor | None  # (B, T) bool for states; None for audio (the model derives it)
+    inputs: object  # (B, T, D) states, a list of (S_i,) waveforms, or (B, layers, D) pooled means
+    mask: torch.Tensor | None  # (B, T) bool for states; None for audio (the model derives it) and pooled means
     targets: torch.Tensor | None  # (B, targets), standardised
     scales: torch.Tensor | None = None  # (B, T, 1) float32 per-frame scales of int8 inputs
 
@@ -110,6 +110,20 @@ def memory_available() -> int | None:
         return None
 
 
+def keep_in_memory(preload: bool | None, memory_bytes: int, *, what: str) -> bool:
+    """`preload` as given, or (None) whether `memory_bytes` fit PRELOAD_BUDGET and a quarter of
+    the memory available."""
+    if preload is not None:
+        return preload
+    available = memory_available()
+    budget = min(PRELOAD_BUDGET, available // 4 if available else PRELOAD_BUDGET)
+    if memory_bytes <= budget:
+        log.info("keeping the store's %s in memory after their first read (%.0f MiB; budget %.0f MiB)",
+                 what, memory_bytes / 2**20, budget / 2**20)
+        return True
+    return False
+
+
 class CacheSource:
     """Hidden states from a store; lengths from its index (no data read).
 
@@ -130,14 +144,7 @@ class CacheSource:
         frames = sum(reader.frames(uid) for uid in reader.ids)
         width = storage_width(reader.meta.get("hidden_size", 0), reader.dtype)
         self.memory_bytes = frames * width * self.dtype.itemsize
-        if preload is None:
-            available = memory_available()
-            budget = min(PRELOAD_BUDGET, available // 4 if available else PRELOAD_BUDGET)
-            preload = self.memory_bytes <= budget
-            if preload:
-                log.info("keeping the store's states in memory after their first read (%.0f MiB; "
-                         "budget %.0f MiB)", self.memory_bytes / 2**20, budget / 2**20)
-        self.preload = preload
+        self.preload = keep_in_memory(preload, self.memory_bytes, what="states")
         self._memory: dict[str, np.ndarray] = {}
 
     def length(self, uid: str) -> int:
@@ -152,6 +159,65 @@ class CacheSource:
         if crop:
             states = states[crop[0]:crop[0] + crop[1]]
         return states
+
+
+class PooledSource:
+    """Each utterance's pooled means of `layers` (weighted-sum's input): (layers, D) float32
+    rows of a store built with --pooled-layers; lengths from its index. No frame is read.
+
+    The reader checks each row against its checksum; a row that passes it but holds NaN/Inf,
+    or nothing at all (zeros: the row of no utterance), is refused here, naming the store and
+    the utterance: a store built elsewhere is never trained on silently wrong.
+    """
+
+    kind = "pooled"
+
+    def __init__(self, reader, layers: tuple[int, ...] | None = None, *, preload: bool | None = False):
+        """`layers`: the pooled layers to read, in order (None: every one the store holds).
+
+        Raises:
+            StoreMismatch: the store holds no pooled statistics, or not those of `layers`.
+        """
+        from cachegen.errors import StoreMismatch
+
+        stored = list(reader.pooled_layers)
+        if not stored:
+            raise StoreMismatch(f"{reader.location}: holds no pooled statistics, which --strategy "
+                                "weighted-sum trains on; rebuild it with `ser cache build ... "
+                                "--pooled-layers all` (the frame states are kept, only layers run again)")
+        layers = tuple(stored) if layers is None else tuple(layers)
+        missing = [n for n in layers if n not in stored]
+        if missing:
+            raise StoreMismatch(f"{reader.location}: holds pooled layers {stored}, not layer(s) "
+                                f"{missing} that the run mixes; use a store built with "
+                                f"--pooled-layers {','.join(map(str, layers))} (or all)")
+        self.reader, self.layers = reader, layers
+        self.slots = [stored.index(n) for n in layers]
+        self.memory_bytes = len(reader.ids) * len(layers) * reader.meta["hidden_size"] * 4
+        self.preload = keep_in_memory(preload, self.memory_bytes, what="pooled means")
+        self._memory: dict[str, np.ndarray] = {}
+
+    def length(self, uid: str) -> int:
+        return self.reader.frames(uid)
+
+    def load(self, uid: str, crop: tuple[int, int] | None = None) -> np.ndarray:
+        """(layers, D) float32 means; `crop` does not apply (frames are already pooled)."""
+        from cachegen.errors import StoreCorrupt
+
+        means = self._memory.get(uid)
+        if means is not None:
+            return means
+        stats = self.reader.pooled(uid)  # (stored layers, 2, D), checksum checked
+        if not np.isfinite(stats).all():
+            raise StoreCorrupt(f"{self.reader.location}: pooled statistics of '{uid}' hold NaN or "
+                               "Inf; rebuild the store (its checksum matches, so it was written so)")
+        if not stats.any():
+            raise StoreCorrupt(f"{self.reader.location}: pooled statistics of '{uid}' are all 0, "
+                               "the row of no utterance; run `ser cache verify` and rebuild the store")
+        means = np.ascontiguousarray(stats[self.slots, 0])
+        if self.preload:
+            self._memory[uid] = means
+        return means
 
 
 class AudioSource:
@@ -208,6 +274,11 @@ def collate(source, ids: list[str], items: list, targets, *, pin: bool = False) 
     target_tensor = None if targets is None else torch.as_tensor(targets, dtype=torch.float32)
     if source.kind == "audio":
         return Batch(ids=ids, inputs=items, mask=None, targets=target_tensor)
+    if source.kind == "pooled":  # (B, layers, D): nothing to pad
+        means = torch.from_numpy(np.stack(items))
+        if pin:
+            means, target_tensor = means.pin_memory(), None if target_tensor is None else target_tensor.pin_memory()
+        return Batch(ids=ids, inputs=means, mask=None, targets=target_tensor)
     from cachegen.store import int8_parts
 
     lengths = torch.tensor([len(item) for item in items])

@@ -135,7 +135,10 @@ def evaluate(config: EvaluateConfig, *, source=None) -> dict:
     run = load_run(config.run, from_audio=not inputs.from_store, cache_layer=inputs.cache_layer,
                    model=config.model)
     inputs.check_run(config.run, run.spec)
-    source = inputs.source(run.model.backbone, run.feature_extractor)
+    if run.spec.strategy.reads_pooled and inputs.from_store:  # weighted-sum: pooled means, no frames
+        source = inputs.pooled_source(run.spec.pooled_layers)
+    else:
+        source = inputs.source(run.model.backbone, run.feature_extractor)
     table = inputs.table
     categorical = [t for t in run.target_specs if t.categorical]
     if run.info.get("class_map") and categorical[0].name in table.column_names:

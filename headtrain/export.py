@@ -60,7 +60,10 @@ def write_head(out_dir: Path, run, backbone) -> None:
         "targets": run.targets, "label_mean": [t.mean for t in run.target_specs],
         "label_std": [t.std for t in run.target_specs], "class_map": run.info.get("class_map"),
         "top_layers": run.spec.top_layers,
-        "head": "masked mean over frames -> Linear(D, D) -> tanh -> Linear(D, outputs); one output "
+        "head": ("mean over frames of hidden_states[i] for i in model_spec.pooled_layers, summed "
+                 "with weights softmax(layer_logits)" if run.spec.strategy.reads_pooled
+                 else "masked mean over frames") +
+                " -> Linear(D, D) -> tanh -> Linear(D, outputs); one output "
                 "per dimensional target (prediction = output * label_std + label_mean) and one "
                 "logit per class of a categorical target (model_spec.classes; prediction = the "
                 "class of the largest)",

@@ -95,6 +95,23 @@ class Inputs:
         self.unusable = set(source.unusable)
         return source
 
+    def pooled_source(self, layers: tuple[int, ...] | None = None):
+        """The loader of each utterance's pooled means of `layers` (None: every layer the
+        store pooled), for `--strategy weighted-sum`: no frame states are read.
+
+        Raises:
+            ConfigError: the inputs are audio, not a store.
+            StoreMismatch: the store holds no pooled statistics, or not of `layers`.
+        """
+        from cachegen.errors import ConfigError
+
+        from .data import PooledSource
+
+        if not self.from_store:
+            raise ConfigError("--strategy weighted-sum trains on a store's pooled means: pass "
+                              "--from-cache STORE (built with --pooled-layers all)")
+        return PooledSource(self.reader, layers, preload=self.preload)
+
     def check_model(self, loaded) -> None:
         """A store must have been built from `loaded` (a cachegen.encoder.LoadedModel).
 

@@ -1,5 +1,5 @@
 """PNG figures people look at: training curves, predicted-vs-true scatter plots, confusion
-matrices and sweep summaries.
+matrices, layer weights and sweep summaries.
 
 Figures are built with matplotlib's `Figure` directly (no pyplot state, no backend switch)
 and returned, so tests can look at what a figure shows; `save` writes the PNG.
@@ -77,6 +77,20 @@ def scatter_figure(pred: np.ndarray, true: np.ndarray, targets: list[str], metri
                title=f"{target}: CCC {metrics[target]['ccc']:.3f}")
     fig.suptitle(f"split '{split}', n = {len(true)}")
     return fig
+
+
+def bar_layer_weights(ax, weights: dict[str, float], *, title: str) -> None:
+    """The softmax weight of each layer (keys: layer numbers) as bars, on `ax`."""
+    ax.bar([int(k) for k in weights], list(weights.values()), color="tab:green")
+    ax.set_xticks([int(k) for k in weights])
+    ax.set(xlabel="layer (0 = input of layer 1)", ylabel="softmax weight", title=title)
+
+
+def plot_layer_weights(weights: dict[str, float], path: str, *, title: str) -> None:
+    """A weighted-sum run's layer weights as a bar plot."""
+    fig, (ax,) = _figure(6, 4)
+    bar_layer_weights(ax, weights, title=title)
+    save(fig, path)
 
 
 def plot_scatter(pred: np.ndarray, true: np.ndarray, targets: list[str], metrics: dict, path: str,

@@ -37,9 +37,22 @@ def write_json(data: dict, path: Path) -> None:
 
 
 CHECKPOINT = "checkpoint"
+LAYER_WEIGHTS = "layer_weights"  # .json and .png of a weighted-sum run
 # Everything `ser train` writes into its run directory; --overwrite removes these and nothing else.
 RUN_FILES = ("config.json", WEIGHTS, "log.jsonl", "metrics.json", "curves.png", CHECKPOINT,
-             f"{CHECKPOINT}.partial", f"{CHECKPOINT}.old")
+             f"{CHECKPOINT}.partial", f"{CHECKPOINT}.old", f"{LAYER_WEIGHTS}.json", f"{LAYER_WEIGHTS}.png")
+
+
+def write_layer_weights(run_dir: Path, weights: dict[str, float], *, epoch: int) -> None:
+    """layer_weights.json and layer_weights.png: the softmax weight of each pooled layer in the
+    weights of `epoch` (the best one) of a weighted-sum run."""
+    from .plots import plot_layer_weights
+
+    heaviest = max(weights, key=weights.get)
+    write_json({"epoch": epoch, "layer_weights": weights, "heaviest_layer": int(heaviest)},
+               run_dir / f"{LAYER_WEIGHTS}.json")
+    plot_layer_weights(weights, str(run_dir / f"{LAYER_WEIGHTS}.png"),
+                       title=f"weighted sum of layers, epoch {epoch}; heaviest {heaviest}")
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -133,7 +146,7 @@ def refuse_run_output(path: Path, *, option: str) -> None:
 
 @dataclass
 class LoadedRun:
-    model: torch.nn.Module  # EmotionModel, eval mode
+    model: torch.nn.Module  # EmotionModel (WeightedSumModel for weighted-sum), eval mode
     info: dict  # config.json of the run (or the export's ser_head.json)
     spec: object  # ModelSpec that rebuilt `model`
     feature_extractor: object
@@ -165,11 +178,11 @@ INFO_FIELDS = {
     "targets": (_is_targets, "a non-empty list of distinct target names"),
     "label_mean": (_numbers, "a list of finite numbers, one per target"),
     "label_std": (lambda v: _numbers(v) and all(x > 0 for x in v), "a list of positive numbers, one per target"),
-    "top_layers": (lambda v: is_int(v) and v >= 1, "an integer of at least 1"),
+    "top_layers": (lambda v: is_int(v) and v >= 0, "an integer of 0 or more"),  # model_spec checks more
 }
 RUN_INFO_FIELDS = {
     **INFO_FIELDS,
-    "strategy": (lambda v: v in STRATEGIES, "cached, partial, full or lora"),
+    "strategy": (lambda v: v in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
     "model_id": (lambda v: isinstance(v, str) and bool(v), "the base model's hub id or folder"),
     "model_sha256": (is_sha256, "a sha256 hex digest"),
     "cache_layer": (lambda v: is_int(v) and v >= 0, "an integer of 0 or more"),
@@ -294,7 +307,7 @@ def load_run(run_dir: str | Path, *, from_audio: bool, cache_layer: int | None =
 
     from .spec import ModelSpec
     from .targets import targets_from_info
-    from .upper import EmotionModel
+    from .upper import build_network
 
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
@@ -317,20 +330,23 @@ def load_run(run_dir: str | Path, *, from_audio: bool, cache_layer: int | None =
                             f"'{model or spec.model_id}' has {loaded.weights_sha256[:12]}…; pass "
                             "--model with the base checkpoint the run was trained from")
     layers = loaded.num_layers
-    if not 0 < spec.top_layers <= layers:
+    if spec.top_layers > layers:
         raise ConfigError(f"{run_dir}: top_layers {spec.top_layers} does not fit a base model of "
                           f"{layers} layers")
+    if any(n > layers for n in spec.pooled_layers):
+        raise ConfigError(f"{run_dir}: pooled_layers {list(spec.pooled_layers)} do not fit a base "
+                          f"model of {layers} layers (hidden_states 0..{layers})")
     trained_from = spec.trained_from(layers)
     if not from_audio and spec.strategy.trains_every_layer:
         raise ConfigError(f"{run_dir}: full finetuning also trained the layers below any cache; "
                           "evaluate it from audio (--manifest) instead of --from-cache")
-    if not from_audio:
+    if not from_audio and not spec.strategy.reads_pooled:  # pooled means: any store layer L
         if cache_layer is None or cache_layer > trained_from:
             raise ConfigError(f"a store at layer {cache_layer} cannot feed this run: its layers "
                               f"{trained_from + 1}..{layers} were trained; use a store built with "
                               f"--layers {trained_from} or less, or predict from audio")
-    emotion = EmotionModel.from_spec(loaded.model, spec, from_audio=from_audio, cache_layer=cache_layer or 0,
-                                     merged=exported)
+    emotion = build_network(loaded.model, spec, from_audio=from_audio, cache_layer=cache_layer or 0,
+                            merged=exported)
     tensors = load_safetensors(weights)
     if exported:
         load_tensors_into(emotion.head.state_dict(), tensors, weights, load=emotion.head.load_state_dict)

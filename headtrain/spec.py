@@ -19,6 +19,9 @@ class Strategy(str, Enum):
     PARTIAL = "partial"  # audio; top K layers and head learn
     FULL = "full"  # audio; projection, positional convolution, every layer and head learn
     LORA = "lora"  # audio or a store; LoRA adapters on the top K layers and head learn
+    # a store's pooled means of every pooled layer (SUPERB's frozen baseline): softmax layer
+    # weights and head learn, no layer of the base model does
+    WEIGHTED_SUM = "weighted-sum"
 
     def __str__(self) -> str:
         return self.value
@@ -45,7 +48,12 @@ class Strategy(str, Enum):
 
     @property
     def needs_store(self) -> bool:
-        return self is Strategy.CACHED
+        return self in (Strategy.CACHED, Strategy.WEIGHTED_SUM)
+
+    @property
+    def reads_pooled(self) -> bool:
+        """Trains on each utterance's pooled means (a store built with --pooled-layers), not frames."""
+        return self is Strategy.WEIGHTED_SUM
 
     @property
     def trains_every_layer(self) -> bool:
@@ -69,12 +77,17 @@ class ModelSpec:
         model_id: where the base checkpoint was loaded from (hub id or absolute folder).
         model_sha256: its weights' fingerprint (cachegen.encoder.weights_sha256).
         strategy: how it trained.
-        cache_layer: the store's layer it trained from; 0 when it trained from audio.
-        top_layers: transformer layers that learned (all of them for `full`).
+        cache_layer: the store's layer it trained from; 0 when it trained from audio or from
+            pooled means (`weighted-sum`).
+        top_layers: transformer layers that learned (all of them for `full`, none for
+            `weighted-sum`).
         targets: label columns the head predicts, in output order.
         lora_rank, lora_alpha: LoRA adapter shape (used by `lora` only).
         classes: {categorical target: its classes in logit order}; a target not named here is
             dimensional (one output). Specs written before categorical targets have none.
+        pooled_layers: the hidden_states indices (0 = the input of layer 1) whose pooled means
+            `weighted-sum` mixes, in increasing order; empty for the other strategies (and
+            absent from their JSON, as in specs written before it existed).
     """
 
     model_id: str
@@ -86,6 +99,7 @@ class ModelSpec:
     lora_rank: int = 8
     lora_alpha: int = 16
     classes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    pooled_layers: tuple[int, ...] = ()
 
     @property
     def output_width(self) -> int:
@@ -93,8 +107,12 @@ class ModelSpec:
         return sum(len(self.classes.get(t, ())) or 1 for t in self.targets)
 
     def to_json(self) -> dict:
-        return {**asdict(self), "strategy": self.strategy.value, "targets": list(self.targets),
-                "classes": {t: list(c) for t, c in self.classes.items()}}
+        data = {**asdict(self), "strategy": self.strategy.value, "targets": list(self.targets),
+                "classes": {t: list(c) for t, c in self.classes.items()},
+                "pooled_layers": list(self.pooled_layers)}
+        if not self.pooled_layers:  # the other strategies' JSON stays as it was before the field
+            del data["pooled_layers"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict, *, where: str) -> ModelSpec:
@@ -113,9 +131,21 @@ class ModelSpec:
                 raise ConfigError(f"{where}: model_spec.{name} is {value!r}, expected {kind.__name__}")
         if not data["targets"] or not all(isinstance(t, str) for t in data["targets"]):
             raise ConfigError(f"{where}: model_spec.targets must name at least one label column")
-        if data["cache_layer"] < 0 or data["top_layers"] < 1 or data["lora_rank"] < 1:
+        strategy = Strategy.parse(data["strategy"], option=f"{where}: model_spec.strategy")
+        pooled = data.get("pooled_layers", [])
+        if not isinstance(pooled, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                                   for n in pooled) or pooled != sorted(set(pooled)):
+            raise ConfigError(f"{where}: model_spec.pooled_layers is {pooled!r}, expected distinct "
+                              "layer numbers (0 or more) in increasing order")
+        if bool(pooled) != strategy.reads_pooled:
+            raise ConfigError(f"{where}: model_spec.pooled_layers is {pooled!r}: strategy {strategy} "
+                              f"{'needs the layers it mixes' if strategy.reads_pooled else 'mixes no layers'}")
+        least_top = 0 if strategy.reads_pooled else 1  # weighted-sum trains no layer
+        if (data["cache_layer"] < 0 or data["lora_rank"] < 1 or data["top_layers"] < least_top
+                or (strategy.reads_pooled and data["top_layers"])):
             raise ConfigError(f"{where}: model_spec has cache_layer {data['cache_layer']}, top_layers "
-                              f"{data['top_layers']}, lora_rank {data['lora_rank']}; out of range")
+                              f"{data['top_layers']}, lora_rank {data['lora_rank']}; out of range "
+                              f"for strategy {strategy}")
         classes = data.get("classes", {})
         if not isinstance(classes, dict) or not all(
                 t in data["targets"] and isinstance(c, list) and len(c) >= 2 and len(set(c)) == len(c)
@@ -124,7 +154,7 @@ class ModelSpec:
                               "at least two distinct class names")
         return cls(**{**{n: data[n] for n in fields}, "targets": tuple(data["targets"]),
                       "classes": {t: tuple(c) for t, c in classes.items()},
-                      "strategy": Strategy.parse(data["strategy"], option=f"{where}: model_spec.strategy")})
+                      "strategy": strategy, "pooled_layers": tuple(pooled)})
 
     @classmethod
     def from_run_info(cls, info: dict, *, where: str) -> ModelSpec:
@@ -142,5 +172,6 @@ class ModelSpec:
         return cls.from_json(legacy, where=where)
 
     def trained_from(self, layers: int) -> int:
-        """Index of the first layer that learned, for a base model of `layers` layers."""
+        """Index of the first layer that learned, for a base model of `layers` layers (`layers`
+        when none did)."""
         return 0 if self.strategy.trains_every_layer else layers - self.top_layers

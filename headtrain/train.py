@@ -76,7 +76,11 @@ class TrainConfig:
     def validate(self) -> None:
         strategy = self.resolved_strategy
         if strategy.needs_store and not self.from_cache:
-            raise ConfigError("--strategy cached needs --from-cache STORE")
+            raise ConfigError(f"--strategy {strategy} needs --from-cache STORE"
+                              + (" (built with --pooled-layers all)" if strategy.reads_pooled else ""))
+        if strategy.reads_pooled and self.max_frames is not None:
+            raise ConfigError(f"--max-frames {self.max_frames} crops frames, but --strategy {strategy} "
+                              "trains on each utterance's pooled means: drop --max-frames")
         if strategy.reads_audio_only and self.from_cache:
             raise ConfigError(f"--strategy {strategy} trains from audio: pass --manifest, not --from-cache")
         if not self.from_cache and not self.manifest:
@@ -212,7 +216,10 @@ class TrainResult:
 
 
 def check_top_layers(config: TrainConfig, *, layers: int, cache_layer: int) -> int:
-    """The layers that learn: K, which must fit above the cache, or every layer for `full`."""
+    """The layers that learn: K, which must fit above the cache, every layer for `full`, none
+    for `weighted-sum`."""
+    if config.resolved_strategy.reads_pooled:
+        return 0
     top_layers = layers if config.resolved_strategy.trains_every_layer else config.top_layers
     if top_layers > layers - cache_layer:
         raise ConfigError(f"--top-layers {config.top_layers} is larger than the {layers - cache_layer} "
@@ -284,10 +291,10 @@ def train(config: TrainConfig, *, source=None) -> TrainResult:
     from .parallel import global_loss, local_plan
     from .plots import plot_curves
     from .run import (RUN_FORMAT, RUN_FORMAT_VERSION, WEIGHTS, load_checkpoint, save_checkpoint,
-                      save_tensors, write_json, writing)
+                      save_tensors, write_json, write_layer_weights, writing)
     from .targets import class_weights, multitask_loss, standardised, to_labels
     from .tracking import PROJECT, epoch_values, run_options
-    from .upper import EmotionModel, count_parameters
+    from .upper import build_network, count_parameters
 
     config.validate()
     run_dir = Path(config.out)
@@ -299,9 +306,13 @@ def train(config: TrainConfig, *, source=None) -> TrainResult:
     inputs = Inputs.open(from_cache=config.from_cache, manifest=config.manifest, labels=config.labels,
                          cache_dir=config.cache_dir, audio_root=config.audio_root, preload=config.preload,
                          shared=source)
+    # weighted-sum: refused at once (before the model loads) when the store has no pooled rows
+    pooled = inputs.pooled_source() if strategy.reads_pooled else None
     loaded = load_model(config.model or inputs.model_id)
     inputs.check_model(loaded)
-    source, cache_layer, store_meta = inputs.source(loaded.model, loaded.feature_extractor), inputs.cache_layer, inputs.meta
+    source = pooled or inputs.source(loaded.model, loaded.feature_extractor)
+    cache_layer = 0 if pooled else inputs.cache_layer  # pooled means do not depend on the store's L
+    store_meta = inputs.meta
     layers = loaded.num_layers
     top_layers = check_top_layers(config, layers=layers, cache_layer=cache_layer)
     targets, splits, class_map = load_targets(config, inputs.table, inputs.table_name, inputs.available)
@@ -312,9 +323,10 @@ def train(config: TrainConfig, *, source=None) -> TrainResult:
     spec = ModelSpec(model_id=loaded.model_id, model_sha256=loaded.weights_sha256, strategy=strategy,
                      cache_layer=cache_layer, top_layers=top_layers, targets=tuple(config.targets),
                      lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-                     classes={t.name: t.classes for t in targets if t.categorical})
-    model = EmotionModel.from_spec(loaded.model, spec, from_audio=config.from_audio,
-                                   cache_layer=cache_layer, dropout=config.dropout)
+                     classes={t.name: t.classes for t in targets if t.categorical},
+                     pooled_layers=pooled.layers if pooled else ())
+    model = build_network(loaded.model, spec, from_audio=config.from_audio, cache_layer=cache_layer,
+                          dropout=config.dropout)
     trainable, _ = count_parameters(model)
     processes, process = accelerator.num_processes, accelerator.process_index
     train_lengths = [source.length(uid) for uid in train_split.ids]
@@ -363,7 +375,8 @@ def train(config: TrainConfig, *, source=None) -> TrainResult:
         "store": None if store_meta is None else {
             "location": config.from_cache, "layers": store_meta["layers"], "dtype": store_meta["dtype"],
             "model_sha256": store_meta["model_sha256"], "format_version": store_meta["format_version"],
-            "states_sha256": states_fingerprint(source.reader, train_split.ids + dev_split.ids)},
+            "states_sha256": states_fingerprint(source.reader, train_split.ids + dev_split.ids,
+                                                pooled=bool(pooled))},
         "labels_sha256": labels_fingerprint(train_split, dev_split),
         "config": asdict(config), "amp": config.resolved_amp, "device": str(device),
         "processes": processes, "global_batch_size": global_batch,
@@ -399,6 +412,8 @@ def train(config: TrainConfig, *, source=None) -> TrainResult:
         accelerator.init_trackers(PROJECT, config=run_options(config))
 
     def on_epoch(record: dict, improved: bool) -> None:
+        if pooled:  # how the layer weights move, epoch by epoch
+            record["layer_weights"] = accelerator.unwrap_model(model).layer_weights()
         history.append(record)
         if config.log_with:
             accelerator.log(epoch_values(record), step=record["epoch"])
@@ -411,6 +426,8 @@ def train(config: TrainConfig, *, source=None) -> TrainResult:
                     save_tensors(unwrapped.trained_state(), run_dir / WEIGHTS)
                     write_json({**info, "best_epoch": best["epoch"], "best_dev": best["dev"]},
                                run_dir / "config.json")
+                    if pooled:
+                        write_layer_weights(run_dir, unwrapped.layer_weights(), epoch=best["epoch"])
                 save_checkpoint(run_dir, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
                                 state={"epoch": record["epoch"], "history": history,
                                        "best": {**best, "mean": best["mean"] if math.isfinite(best["mean"]) else None}})
@@ -442,6 +459,9 @@ def train(config: TrainConfig, *, source=None) -> TrainResult:
                 save_tensors(accelerator.unwrap_model(model).trained_state(), run_dir / WEIGHTS)
                 write_json({**info, "best_epoch": len(history), "best_dev": history[-1]["dev"]},
                            run_dir / "config.json")
+                if pooled:
+                    write_layer_weights(run_dir, accelerator.unwrap_model(model).layer_weights(),
+                                        epoch=len(history))
             # metrics.json last: a run directory without it is a training that did not finish
             write_json({"best_epoch": best["epoch"], "dev": best["dev"]}, run_dir / "metrics.json")
     if config.log_with:
@@ -519,13 +539,15 @@ def _shown(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else repr(value)
 
 
-def states_fingerprint(reader, ids: list[str]) -> str:
-    """sha256 of what a store holds for `ids` (frames and checksum of each): another store, or
-    a rebuilt one with other states, gives another value."""
+def states_fingerprint(reader, ids: list[str], *, pooled: bool = False) -> str:
+    """sha256 of what a store holds for `ids` (frames and checksum of each, and with `pooled`
+    the checksum of each pooled row): another store, or a rebuilt one with other states, gives
+    another value."""
     import hashlib
 
-    columns = reader.index.select(["id", "frames", "crc32"]).to_pydict()
-    rows = {uid: (frames, crc) for uid, frames, crc in zip(columns["id"], columns["frames"], columns["crc32"])}
+    names = ["id", "frames", "crc32"] + (["pooled_crc32"] if pooled else [])
+    columns = reader.index.select(names).to_pydict()
+    rows = {uid: values for uid, *values in zip(*(columns[n] for n in names))}
     return hashlib.sha256(repr([(uid, *rows[uid]) for uid in ids]).encode()).hexdigest()
 
 

@@ -9,9 +9,11 @@ parameters learn:
 | partial  | audio                | 1..N        | top K layers, head                            |
 | cached   | states at layer L    | L+1..N      | top K layers, head                            |
 | lora     | audio or states at L | as above    | LoRA adapters on the top K layers, head       |
+| weighted-sum | pooled means of layers (or audio) | none or 1..N | softmax layer weights, head |
 
 The convolutional feature encoder is always frozen. Frozen parts stay in eval mode (no
-dropout) so that a frozen layer computes exactly what the cache stored.
+dropout) so that a frozen layer computes exactly what the cache stored. `weighted-sum` is its
+own module (`WeightedSumModel`); `build_network` makes the one a `ModelSpec` describes.
 """
 
 from __future__ import annotations
@@ -38,6 +40,28 @@ class Head(nn.Module):
         weights = mask.to(hidden.dtype)[..., None]  # (B, T, 1)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D)
         return self.out(self.dropout(torch.tanh(self.dense(self.dropout(pooled)))))
+
+
+class WeightedSumHead(Head):
+    """SUPERB's learnable weighted sum of layers (softmax weights), then `Head`.
+
+    Mean pooling is linear, so the weighted sum of the layers' pooled means equals mean pooling
+    of the weighted sum of their frame states: training on a store's pooled means is exact, and
+    no frames need to be stored."""
+
+    def __init__(self, layers: int, hidden: int, targets: int, dropout: float):
+        super().__init__(hidden, targets, dropout)
+        self.layer_logits = nn.Parameter(torch.zeros(layers))  # uniform weights to start
+
+    def layer_weights(self) -> torch.Tensor:
+        """(layers,) softmax weights, summing to 1."""
+        return torch.softmax(self.layer_logits, 0)
+
+    def forward(self, means: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """means: (B, layers, D) pooled means -> (B, targets); `mask` is unused (already pooled)."""
+        mixed = (self.layer_weights()[None, :, None] * means).sum(1)  # (B, D)
+        one_frame = torch.ones(len(mixed), 1, dtype=torch.bool, device=mixed.device)
+        return super().forward(mixed[:, None, :], one_frame)
 
 
 class EmotionModel(nn.Module):
@@ -139,6 +163,78 @@ class EmotionModel(nn.Module):
         if unknown:
             raise KeyError(f"tensors not in this model: {', '.join(unknown[:5])}")
         self.load_state_dict({own[n]: t for n, t in tensors.items()}, strict=False)
+
+
+class WeightedSumModel(nn.Module):
+    """`--strategy weighted-sum`: the frozen base model's pooled layers mixed by learnt softmax
+    weights, then the regression head (SUPERB's frozen baseline). Fed with a store's pooled
+    means, (B, layers, D), nothing of the base model is held; fed with audio, the whole base
+    model runs and each of `pooled_layers` is mean-pooled over the real frames, as the build
+    pools them (float64 sums, float32 result)."""
+
+    strategy = Strategy.WEIGHTED_SUM
+
+    def __init__(self, backbone, *, pooled_layers: tuple[int, ...], targets: int, dropout: float,
+                 from_audio: bool):
+        super().__init__()
+        config = backbone.config
+        self.from_audio = from_audio
+        self.pooled_layers = tuple(pooled_layers)
+        self.backbone = backbone if from_audio else None  # pooled means replace the whole model
+        if from_audio:
+            backbone.requires_grad_(False)
+        self.head = WeightedSumHead(len(self.pooled_layers), config.hidden_size, targets, dropout)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.backbone is not None:  # frozen: computes what the build pooled, never dropout
+            self.backbone.eval()
+        return self
+
+    def pooled_means(self, waveforms: list[torch.Tensor]) -> torch.Tensor:
+        """Audio -> (B, layers, D) mean over each utterance's real frames of hidden_states[i]
+        for i in `pooled_layers`."""
+        from cachegen.pooled import each_layer
+
+        hidden, mask = embed(self.backbone, waveforms)
+        weights = mask.to(torch.float64)[..., None]  # (B, T, 1)
+        means = []
+        for index, states in each_layer(self.backbone, hidden, mask):
+            if index in self.pooled_layers:
+                means.append(((states.double() * weights).sum(1) / weights.sum(1)).float())  # (B, D)
+            if index == self.pooled_layers[-1]:
+                break
+        return torch.stack(means, 1)
+
+    def forward(self, inputs, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs: list of waveforms (audio) or (B, layers, D) pooled means. Returns (B, targets)."""
+        return self.head(self.pooled_means(inputs) if self.from_audio else inputs)
+
+    def layer_weights(self) -> dict[str, float]:
+        """{layer: its softmax weight}, as reported in a run's layer_weights.json."""
+        weights = self.head.layer_weights().detach().float().cpu().tolist()
+        return {str(layer): w for layer, w in zip(self.pooled_layers, weights)}
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The tensors that learn: the head's, layer weights included (head.layer_logits)."""
+        return {f"head.{n}": t.detach().cpu().contiguous() for n, t in self.head.state_dict().items()}
+
+    def load_trained_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        unknown = [n for n in tensors if not n.startswith("head.")]
+        if unknown:
+            raise KeyError(f"tensors not in this model: {', '.join(unknown[:5])}")
+        self.head.load_state_dict({n[len("head."):]: t for n, t in tensors.items()})
+
+
+def build_network(backbone, spec: ModelSpec, *, from_audio: bool, cache_layer: int = 0,
+                  dropout: float = 0.0, merged: bool = False) -> nn.Module:
+    """The network `spec` describes (it takes ownership of `backbone`), fed from audio, from
+    states at `cache_layer`, or (weighted-sum) from pooled means."""
+    if spec.strategy.reads_pooled:
+        return WeightedSumModel(backbone, pooled_layers=spec.pooled_layers, targets=spec.output_width,
+                                dropout=dropout, from_audio=from_audio)
+    return EmotionModel.from_spec(backbone, spec, from_audio=from_audio, cache_layer=cache_layer,
+                                  dropout=dropout, merged=merged)
 
 
 def add_lora(layer: nn.Module, *, rank: int, alpha: int, targets: tuple[str, ...]) -> None:

@@ -40,3 +40,44 @@ def built_store(tmp_path_factory, tiny_model, corpus):
     assert not summary.failed
     return out
 
+
+
+@pytest.fixture(scope="session")
+def blind_top(tiny_model, tmp_path_factory):
+    """The tiny model with transformer layer 3's first layer norm scaled to 0: from layer 3 on,
+    every frame of every utterance is the same vector; layers 0..2 still see the audio."""
+    import torch
+    from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    model = Wav2Vec2Model.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.encoder.layers[2].layer_norm.weight.zero_()
+    out = tmp_path_factory.mktemp("blind") / "model"
+    model.save_pretrained(out)
+    Wav2Vec2FeatureExtractor.from_pretrained(tiny_model).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def probe_corpus(blind_top, tmp_path_factory):
+    """(manifest, store, labels): 60 short utterances, a float32 store of `blind_top` with pooled
+    statistics of every layer, and labels (id, split, speaker, carried, activation) whose
+    'carried' is a linear function of layer 1's pooled mean (read-only in tests)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from cachegen import open_cache
+    from helpers import build_pooled
+
+    root = tmp_path_factory.mktemp("probe")
+    manifest = synth_corpus(root / "c", utterances=60, seconds=(0.5, 1.0))
+    store = build_pooled(manifest, blind_top, root / "p.zarr", batch_size=8)
+    reader = open_cache(store)
+    direction = np.random.default_rng(5).normal(size=32)
+    carried = {uid: float(reader.pooled(uid)[1, 0] @ direction) for uid in reader.ids}
+    table = pacsv.read_csv(manifest)
+    table = table.append_column("carried", pa.array([carried[uid] for uid in table.column("id").to_pylist()]))
+    labels = root / "labels.csv"
+    pacsv.write_csv(table.select(["id", "split", "speaker", "carried", "activation"]), labels)
+    return str(manifest), store, str(labels)

@@ -24,6 +24,30 @@ def read_csv(path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def one_error_line(result, *parts) -> str:
+    """A command that failed with exit status 1 and one `ser: error:` line (no traceback)
+    holding every one of `parts`; returns that line."""
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("ser: error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for part in parts:
+        assert part in lines[0], lines[0]
+    return lines[0]
+
+
+def build_pooled(manifest, model, out, **options) -> str:
+    """A float32 store at layer 2 with pooled statistics of every layer (`options` on top of
+    BuildConfig's); returns its path."""
+    from cachegen.build import BuildConfig, build_cache
+
+    settings = dict(manifest=str(manifest), out=str(out), model=model, layers=2, dtype="float32",
+                    batch_size=3, pooled_layers="all", progress=False)
+    settings.update(options)
+    summary = build_cache(BuildConfig(**settings))
+    assert not summary.failed
+    return str(out)
+
+
 def max_relative_error(a: np.ndarray, b: np.ndarray) -> float:
     """Largest absolute difference, relative to the largest magnitude of the reference `b`."""
     return float(np.abs(a.astype(np.float64) - b).max() / np.abs(b).max())

@@ -9,7 +9,7 @@ import torch
 
 from headtrain import train
 from headtrain.analyze import ChangeConfig, analyze_change, linear_cka, recommend_cache_layer, LinearCKA
-from helpers import quick, run_cli, transformers_states
+from helpers import build_pooled, quick, run_cli, transformers_states
 
 TARGETS = ("activation", "valence", "dominance")
 
@@ -152,17 +152,6 @@ def test_analysis_never_writes_into_a_run_or_reads_a_non_run(partial_run, tmp_pa
 
 # --- pooled statistics in the store (ser cache build --pooled-layers) ------------------------------
 
-def build_pooled(manifest, model, out, **options):
-    from cachegen.build import BuildConfig, build_cache
-
-    settings = dict(manifest=str(manifest), out=str(out), model=model, layers=2, dtype="float32",
-                    batch_size=3, pooled_layers="all", progress=False)
-    settings.update(options)
-    summary = build_cache(BuildConfig(**settings))
-    assert not summary.failed
-    return str(out)
-
-
 @pytest.fixture(scope="module")
 def pooled_store(tiny_model, corpus, tmp_path_factory):
     return build_pooled(corpus, tiny_model, tmp_path_factory.mktemp("pooled") / "p.zarr")
@@ -297,43 +286,6 @@ def test_ridge_probe_ranks_the_layers_that_carry_the_target_first():
     assert scores[2] > 0.8 and max(scores[k] for k in (0, 1, 3, 5)) < 0.4
     constant = ridge_probe(np.ones((60, 4)), target[train, None], np.ones((20, 4)))
     assert np.allclose(constant, target[train].mean())  # no signal: the train mean
-
-
-@pytest.fixture(scope="module")
-def blind_top(tiny_model, tmp_path_factory):
-    """The tiny model with transformer layer 3's first layer norm scaled to 0: from layer 3 on,
-    every frame of every utterance is the same vector; layers 0..2 still see the audio."""
-    from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
-
-    model = Wav2Vec2Model.from_pretrained(tiny_model)
-    with torch.no_grad():
-        model.encoder.layers[2].layer_norm.weight.zero_()
-    out = tmp_path_factory.mktemp("blind") / "model"
-    model.save_pretrained(out)
-    Wav2Vec2FeatureExtractor.from_pretrained(tiny_model).save_pretrained(out)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def probe_corpus(blind_top, tmp_path_factory):
-    """60 short utterances whose 'carried' label is a linear function of layer 1's pooled mean."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
-    from cachegen import open_cache
-    from cachegen.testing import synth_corpus
-
-    root = tmp_path_factory.mktemp("probe")
-    manifest = synth_corpus(root / "c", utterances=60, seconds=(0.5, 1.0))
-    store = build_pooled(manifest, blind_top, root / "p.zarr", batch_size=8)
-    reader = open_cache(store)
-    direction = np.random.default_rng(5).normal(size=32)
-    carried = {uid: float(reader.pooled(uid)[1, 0] @ direction) for uid in reader.ids}
-    table = pacsv.read_csv(manifest)
-    table = table.append_column("carried", pa.array([carried[uid] for uid in table.column("id").to_pylist()]))
-    labels = root / "labels.csv"
-    pacsv.write_csv(table.select(["id", "split", "carried", "activation"]), labels)
-    return str(manifest), store, str(labels)
 
 
 def test_probe_on_a_corpus_where_only_lower_layers_carry_the_target_ranks_them_first(probe_corpus, blind_top, tmp_path):

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from headtrain import TrainConfig, train
-from helpers import run_cli
+from helpers import one_error_line, run_cli
 
 QUICK = ["--top-layers", 2, "--batch-size", 4, "--targets", "activation,valence", "--workers", 1,
          "--no-progress"]
@@ -71,15 +71,6 @@ def refuse_writes(monkeypatch, folder, code):
     monkeypatch.setattr(os, "mkdir", mkdir)
     monkeypatch.setattr(builtins, "open", open_file)
     monkeypatch.setattr(io, "open", open_file)
-
-
-def one_error_line(result, *parts):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("ser: error:")]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for part in parts:
-        assert part in lines[0], lines[0]
-    return lines[0]
 
 
 def files_under(folder):
