@@ -239,7 +239,7 @@ _CLASS_OPTIONS = (
               help="Manifest to train from audio (strategies partial, full, lora).")
 @click.option("--model", default=None, help="Base checkpoint (default: the store's; "
               "facebook/wav2vec2-base from audio).")
-@click.option("--strategy", default=None, metavar="cached|partial|full|lora|weighted-sum",
+@click.option("--strategy", type=click.Choice(["cached", "partial", "full", "lora", "weighted-sum"]), default=None,
               help="Default: cached with --from-cache, partial with --manifest. weighted-sum: "
                    "the frozen model's baseline (SUPERB): learnt softmax weights over the "
                    "layers of a store built with --pooled-layers, and the head.")
