@@ -197,6 +197,34 @@ def test_predict_on_audio_equals_evaluate_from_the_store_and_transformers(ws_run
     assert pred[0] == pytest.approx(from_audio[uid], rel=1e-4, abs=1e-4 * spread)
 
 
+@pytest.mark.parametrize("variant,dtype", [("tiny_model", "float16"), ("stable_model", "float32")])
+def test_both_norm_variants_predict_from_audio_what_they_evaluate_from_the_store(variant, dtype, corpus,
+                                                                              tmp_path, request):
+    """Group-norm and stable-layer-norm models, any store dtype (pooled rows are float32), audio
+    at 16, 22.05 and 8 kHz, stereo: predict on audio == evaluate from the store == the head on
+    transformers' own hidden_states."""
+    model_dir = request.getfixturevalue(variant)
+    store = build_pooled(corpus, model_dir, tmp_path / "s.zarr", dtype=dtype, layers=1)
+    run = tmp_path / "r"
+    train(quick(out=str(run), from_cache=store, **ws_options(targets=("activation", "valence"), epochs=1)))
+    assert run_cli("evaluate", run, "--from-cache", store, "--split", "train", "--out", tmp_path / "e").exit_code == 0
+    result = run_cli("predict", run, "--manifest", corpus, "--split", "train", "--batch-size", 4,
+                     "--out", tmp_path / "p.csv", "--no-progress")
+    assert result.exit_code == 0, result.stderr
+    from_store = {r["id"]: r for r in read_csv(tmp_path / "e" / "predictions.csv")}
+    from_audio = {r["id"]: r for r in read_csv(tmp_path / "p.csv")}
+    assert sorted(from_store) == sorted(from_audio) and len(from_audio) > 10
+    tensors, info = load_file(str(run / "model.safetensors")), json.load(open(run / "config.json"))
+    reference = transformers_states(model_dir, corpus)
+    for uid, row in from_audio.items():
+        means = np.stack([reference[uid][n].astype(np.float64).mean(0) for n in LAYERS])
+        expected = head_by_hand(tensors, info, means)
+        for j, target in enumerate(("activation", "valence")):
+            value = float(row[f"{target}_pred"])
+            assert value == pytest.approx(float(from_store[uid][f"{target}_pred"]), rel=1e-4, abs=1e-4)
+            assert value == pytest.approx(expected[j], rel=1e-4, abs=1e-4)
+
+
 def test_store_without_pooled_layers_and_wrong_options_are_one_line_errors(built_store, corpus, probe_corpus,
                                                                            blind_top, ws_run, tmp_path):
     args = ["--strategy", "weighted-sum", "--targets", "activation", "--epochs", 1, "--no-progress"]
@@ -246,7 +274,7 @@ def rewrite_pooled_row(store, uid, change, *, keep_checksum=False):
     pq.write_table(pa.Table.from_pylist(rows, schema=index.schema), store / "index.parquet")
 
 
-@pytest.mark.parametrize("case", ["nan", "zeros", "checksum", "width", "layers"])
+@pytest.mark.parametrize("case", ["nan", "zeros", "checksum", "deleted", "width", "layers"])
 def test_hostile_pooled_rows_are_refused_never_trained_on(case, probe_corpus, tmp_path):
     from cachegen import open_cache
 
@@ -255,11 +283,16 @@ def test_hostile_pooled_rows_are_refused_never_trained_on(case, probe_corpus, tm
     uid = sorted(open_cache(store).ids)[3]
     expected = {"nan": f"pooled statistics of '{uid}' hold NaN", "zeros": f"pooled statistics of '{uid}' are all 0",
                 "checksum": f"pooled statistics of '{uid}' fail their checksum",
+                "deleted": "fail their checksum",
                 "width": "'pooled' array is missing or not", "layers": "field 'pooled_layers' is"}[case]
     if case == "nan":
         rewrite_pooled_row(copy, uid, lambda v: np.where(np.arange(v.size) == 40, np.nan, v).astype(np.float32))
     elif case == "zeros":
         rewrite_pooled_row(copy, uid, np.zeros_like)
+    elif case == "deleted":  # a pooled shard gone: its rows read as zeros, never trained on
+        for shard in (copy / "pooled" / "c").rglob("*"):
+            if shard.is_file():
+                shard.unlink()
     else:
         root = json.loads((copy / "zarr.json").read_text())
         metadata = root["consolidated_metadata"]["metadata"]
