@@ -255,7 +255,7 @@ def analyze_change(config: ChangeConfig, *, progress: bool = True) -> dict:
     """
     from cachegen.encoder import load_model
 
-    from .run import load_run, read_run_info, write_json
+    from .run import load_run, read_run_info
     from .spec import ModelSpec
     from .upper import merge_lora
 
@@ -311,12 +311,19 @@ def analyze_change(config: ChangeConfig, *, progress: bool = True) -> dict:
         "utterances": sampled, "inputs": described, "split": config.split or
         info.get("config", {}).get("dev_split"),
     }
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(result, out / "change.json")
-    write_rows(rows, out / "change.csv")
-    plot_change(result, str(out / "change.png"))
+    write_report(config.out, "change", result, rows, plot_change)
     return result
+
+
+def write_report(out: str, name: str, result: dict, rows: list[dict], plot) -> None:
+    """`name`.json (the whole result), `name`.csv (one row per layer) and `name`.png in `out`."""
+    from .run import write_json
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(result, folder / f"{name}.json")
+    write_rows(rows, folder / f"{name}.csv")
+    plot(result, str(folder / f"{name}.png"))
 
 
 def write_rows(rows: list[dict], path: Path) -> None:
@@ -508,7 +515,6 @@ def analyze_probe(config: ProbeConfig, *, progress: bool = True) -> dict:
     """
     from .labels import load_splits, read_labels
     from .metrics import target_metrics
-    from .run import write_json
 
     config.validate()
     targets = list(config.targets)
@@ -551,11 +557,7 @@ def analyze_probe(config: ProbeConfig, *, progress: bool = True) -> dict:
         result["weighted_sum"] = train_weighted_sum(train_x[:, :, 0], train_split.targets,
                                                     dev_x[:, :, 0], dev_split.targets, targets,
                                                     layers=layers, config=config)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(result, out / "probe.json")
-    write_rows(rows, out / "probe.csv")
-    plot_probe(result, str(out / "probe.png"))
+    write_report(config.out, "probe", result, rows, plot_probe)
     return result
 
 
