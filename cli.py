@@ -80,7 +80,7 @@ def cache() -> None:
 @cache.command("build")
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @click.option("--model", default="facebook/wav2vec2-base", show_default=True,
-              help="Hub id or local folder of a Wav2Vec2, HuBERT or WavLM model.")
+              help="Hub id or local folder of a Wav2Vec2, HuBERT, WavLM or data2vec-audio model.")
 @click.option("--layers", default=9, show_default=True, help="Lower transformer layers to cache.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32", "int8"]),

@@ -51,6 +51,8 @@ class Family:
             store keeps layer 0's embedding to compute it.
         key_padding_mask: layers take the (B, T) bool mask of real frames; otherwise they take
             transformers' 4-D attention mask.
+        stacked_pos_conv: the positional convolution is a stack of convolution layers
+            (`pos_conv_embed.layers`); padded frames are zeroed before each of them (`positional`).
     """
 
     model_type: str
@@ -60,6 +62,7 @@ class Family:
     float_dropouts: tuple[str, ...] = ("attention.dropout",)
     position_bias: bool = False
     key_padding_mask: bool = False
+    stacked_pos_conv: bool = False
 
 
 FAMILIES = {family.model_type: family for family in (
@@ -67,6 +70,7 @@ FAMILIES = {family.model_type: family for family in (
     Family("hubert"),
     Family("wavlm", lora_targets=("intermediate_dense", "output_dense"), position_bias=True,
            key_padding_mask=True),
+    Family("data2vec-audio", stacked_pos_conv=True),
 )}
 SUPPORTED_TYPES = tuple(FAMILIES)
 
@@ -295,10 +299,31 @@ def embed(model, waveforms: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     hidden, mask = encode_features(model, waveforms)
     encoder = model.encoder
     hidden = hidden.masked_fill(~mask[..., None], 0.0)
-    hidden = hidden + encoder.pos_conv_embed(hidden)
+    hidden = hidden + positional(model, hidden, mask)
     if not stable_layer_norm(model.config):
         hidden = encoder.layer_norm(hidden)
     return encoder.dropout(hidden), mask
+
+
+def positional(model, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The positional convolution of zero-padded (B, T, D) states, for every utterance what it
+    gives on that utterance alone (the reference: transformers run on one utterance, unpadded).
+
+    A stack of convolutions (data2vec-audio) gets its padded frames zeroed again before each
+    layer: the layers before turn zeros into non-zero values there, which the next kernel
+    would carry into the real frames near the end of every shorter utterance. Alone, an
+    utterance sees zeros past its end at every layer (the convolution's own padding), so
+    zeroing gives the same numbers. transformers' batched forward zeroes them only before the
+    first layer: its output for a padded utterance differs from the utterance run alone.
+    """
+    conv = model.encoder.pos_conv_embed
+    if not family_of(model.config).stacked_pos_conv:
+        return conv(hidden)  # one convolution: padding enters only as zeros
+    padded = ~mask[:, None, :]  # (B, 1, T)
+    states = hidden.transpose(1, 2)  # (B, D, T), as the layers take it
+    for layer in conv.layers:
+        states = layer(states.masked_fill(padded, 0.0))
+    return states.transpose(1, 2)
 
 
 def layer_inputs(model, hidden: torch.Tensor, mask: torch.Tensor) -> dict:

@@ -33,15 +33,28 @@ def tiny_config(*, stable_layer_norm: bool = False, layers: int = 4, hidden: int
     )
 
 
+# Fields of `tiny_config` that mean something else in a family's config: left at that family's
+# default. data2vec-audio's num_conv_pos_embeddings counts its positional convolution layers
+# (5, each of kernel conv_pos_kernel_size 19, as in data2vec-audio-base), not a kernel width.
+OTHER_MEANING = {"data2vec-audio": {"num_conv_pos_embeddings"}}
+
+
 def tiny_family_config(model_type: str, *, stable_layer_norm: bool = False, layers: int = 4,
                        hidden: int = 32):
     """A config of any supported family (cachegen.encoder.FAMILIES) with the geometry of
-    `tiny_config`: its fields, where the family has them."""
+    `tiny_config`: its fields, where the family has them with the same meaning.
+
+    Raises:
+        ValueError: `stable_layer_norm` for a family without that variant (data2vec-audio).
+    """
     from transformers import AutoConfig
 
     config_class = type(AutoConfig.for_model(model_type))
     fields = tiny_config(stable_layer_norm=stable_layer_norm, layers=layers, hidden=hidden).to_dict()
     keep = set(config_class().to_dict()) - {"model_type", "architectures", "transformers_version"}
+    if stable_layer_norm and "do_stable_layer_norm" not in keep:
+        raise ValueError(f"{model_type} has no stable-layer-norm (large) variant")
+    keep -= OTHER_MEANING.get(model_type, set())
     return config_class(**{k: v for k, v in fields.items() if k in keep})
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cachegen.encoder import stable_layer_norm
 from cachegen.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def layer_of(name: str, config) -> int | None:
     if name.startswith("encoder.layers."):
         return int(name.split(".")[2]) + 1
     if name.startswith("encoder.layer_norm."):
-        return config.num_hidden_layers if config.do_stable_layer_norm else 0
+        return config.num_hidden_layers if stable_layer_norm(config) else 0
     if name.startswith(("feature_projection.", "encoder.pos_conv_embed.")):
         return 0
     return None

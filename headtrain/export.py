@@ -1,8 +1,8 @@
 """`ser export`: a self-contained model directory that needs neither ser nor the base model.
 
-The directory holds a transformers encoder (Wav2Vec2Model, HubertModel or WavLMModel:
-config.json, model.safetensors, preprocessor_config.json) with the trained layers (LoRA merged)
-and the regression head (head.safetensors, ser_head.json). docs/export.md shows how to use it with transformers alone.
+The directory holds a transformers encoder (Wav2Vec2Model, HubertModel, WavLMModel or
+Data2VecAudioModel: config.json, model.safetensors, preprocessor_config.json) with the trained
+layers (LoRA merged) and the regression head (head.safetensors, ser_head.json). docs/export.md shows how to use it with transformers alone.
 """
 
 from __future__ import annotations

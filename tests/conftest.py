@@ -6,8 +6,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from cachegen.testing import save_tiny_model, synth_corpus  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test (2 shared cores), restored after it: the thread count changes
+    float results, and other tests compare in-process results, and shared fixtures, with
+    subprocesses that use torch's default (fixtures of wider scope are set up before this one,
+    at the default). A module uses it for all its tests with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,16 @@ def max_relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b).max() / np.abs(b).max())
 
 
+def assert_store_equals(reader, reference: dict[str, list[np.ndarray]], layer: int) -> None:
+    """A float32 store holds exactly the utterances of `reference` (`transformers_states`), each
+    equal to its `layer` states (relative error < 1e-4)."""
+    assert sorted(reader.ids) == sorted(reference)
+    for uid, states in reference.items():
+        got = reader[uid]
+        assert got.dtype == np.float32 and got.shape == states[layer].shape
+        assert max_relative_error(got, states[layer]) < 1e-4, (layer, uid)
+
+
 def quick(**overrides):
     """TrainConfig for tests: one epoch, no dropout, no warm-up, a fixed seed (deterministic and
     small); `overrides` on top."""

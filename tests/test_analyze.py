@@ -14,15 +14,7 @@ from helpers import build_pooled, quick, run_cli, transformers_states
 TARGETS = ("activation", "valence", "dominance")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread in these tests (2 shared cores), restored after each: other test files
-    compare in-process results, and shared fixtures, with subprocesses that use torch's default
-    thread count (fixtures of wider scope are set up before this one, at the default)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def hsic_cka(x, y):

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from headtrain import TrainConfig, train
 from helpers import run_cli
@@ -28,16 +27,6 @@ def independent_random_plan(lengths, *, batch_size, seed, epoch, **_):
     """Random batches written here, not taken from headtrain: the reference to reach."""
     order = np.random.default_rng(1000 + 7 * seed + epoch).permutation(len(lengths))
     return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread for this test only: the thread count changes float results, and other
-    modules compare bytes against subprocesses that use the default."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_default_batches_learn_as_well_as_random_batches(rate_store, tmp_path, monkeypatch, one_thread):

@@ -76,11 +76,11 @@ def test_unsupported_model_type_is_refused_in_one_line(corpus, tmp_path):
 
     from cachegen.testing import save_model
 
-    # WavLM, refused here before it had a row in cachegen.encoder.FAMILIES, is supported now
+    # WavLM and data2vec-audio, refused here before they had rows in cachegen.encoder.FAMILIES, are supported now
     model_dir = save_model(tmp_path / "sew", SEWConfig(hidden_size=32, num_hidden_layers=2,
                                                        num_attention_heads=2, intermediate_size=64))
     result = run_cli("cache", "build", corpus, "--model", model_dir, "--layers", 1, "--out", tmp_path / "s")
-    assert result.exit_code == 1 and "of type 'sew'; supported: wav2vec2, hubert, wavlm" in result.stderr
+    assert result.exit_code == 1 and "of type 'sew'; supported: wav2vec2, hubert, wavlm, data2vec-audio" in result.stderr
 
 
 def test_int8_store_is_within_its_bound_of_transformers(tiny_model, corpus, tmp_path):

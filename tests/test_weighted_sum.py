@@ -15,13 +15,7 @@ from helpers import build_pooled, one_error_line, quick, read_csv, run_cli, tran
 LAYERS = [0, 1, 2, 3, 4]  # hidden_states of the 4-layer tiny model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread in these tests (2 shared cores), restored after each."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def ws_options(**overrides):
