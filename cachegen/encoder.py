@@ -230,6 +230,10 @@ def load_model(model_id: str = DEFAULT_MODEL) -> LoadedModel:
     if config.model_type not in FAMILIES:
         raise ModelError(f"model '{model_id}' is of type '{config.model_type}'; supported: "
                          f"{', '.join(SUPPORTED_TYPES)}")
+    if getattr(config, "add_adapter", False):
+        raise ModelError(f"model '{model_id}' has an adapter after its encoder (config.add_adapter), "
+                         "which ser does not run: its stores and exports would not be what the "
+                         "model computes; use the checkpoint without the adapter")
     # The hub ids for pretraining checkpoints mask time steps in training; ser never does (the
     # cached layers cannot), so that every strategy sees the same inputs.
     config.mask_time_prob = 0.0

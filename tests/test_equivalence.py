@@ -83,6 +83,20 @@ def test_unsupported_model_type_is_refused_in_one_line(corpus, tmp_path):
     assert result.exit_code == 1 and "of type 'sew'; supported: wav2vec2, hubert, wavlm, data2vec-audio" in result.stderr
 
 
+@pytest.mark.parametrize("model_type", ["wav2vec2", "wavlm", "data2vec-audio"])
+def test_model_with_an_adapter_is_refused_in_one_line(model_type, corpus, tmp_path):
+    """transformers runs the adapter after the last layer; ser's stores and exports do not, so
+    such a checkpoint is refused rather than cached as something it does not compute."""
+    from cachegen.testing import save_model, tiny_family_config
+
+    config = tiny_family_config(model_type)
+    config.add_adapter = True
+    model_dir = save_model(tmp_path / "adapter", config)
+    result = run_cli("cache", "build", corpus, "--model", model_dir, "--layers", 1, "--out", tmp_path / "s")
+    assert result.exit_code == 1 and "has an adapter after its encoder" in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "s").exists()
+
+
 def test_int8_store_is_within_its_bound_of_transformers(tiny_model, corpus, tmp_path):
     """int8 (per-frame scales): every value within max |x| of its frame / 254 of transformers'
     own float32 hidden_states[L] (plus float32 noise of the batched forward)."""
