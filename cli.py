@@ -93,7 +93,8 @@ def cache() -> None:
 @click.option("--batch-size", default=8, show_default=True,
               help="Utterances per batch (and at most 20 s of padded audio per utterance slot).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-@click.option("--workers", default=2, show_default=True, help="Background audio decoding threads.")
+@click.option("--workers", type=int, default=None,
+              help="Background audio decoding threads (default: one per CPU core, 2 to 8).")
 @click.option("--audio-root", type=click.Path(file_okay=False), default=None,
               help="Folder that relative paths resolve against (default: the manifest's folder).")
 @click.option("--shard-frames", type=int, default=None,

@@ -40,7 +40,7 @@ class BuildConfig:
     dtype: str = "float16"
     batch_size: int = 8
     device: str | None = None  # default: cuda when available
-    workers: int = 2  # background decoding threads
+    workers: int | None = None  # background decoding threads; None: decoding_threads()
     overwrite: bool = False
     audio_root: str | None = None
     # default: 32 uncompressed (alignment padding costs bytes), 256 compressed (measured in
@@ -77,7 +77,7 @@ class BuildConfig:
                 parse_pooled_layers(self.pooled_layers, 10**6)  # the range is checked with the model
             except ValueError as err:
                 raise ConfigError(f"--pooled-layers {err}") from None
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise ConfigError(f"--workers {self.workers}: must be 0 or more")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ConfigError(f"--max-seconds {self.max_seconds}: must be more than 0 (0 on the "
@@ -237,6 +237,23 @@ def take_locks(config: BuildConfig, rank: int, state) -> list[BuildLock]:
     if state is None or rank == 0:
         return [BuildLock(config.out)]
     return []
+
+
+def decoding_threads() -> int:
+    """The default number of decoding threads: one per core this process may use (shared with
+    the other processes of a multi-GPU launch on the node, LOCAL_WORLD_SIZE), 2 to 8.
+    Decoding (file read, sha256, numpy, soxr) runs without the GIL, and with a GPU forward
+    the build's pace is the CPU side's (docs/benchmarks.md, "Feeding a GPU"): two threads
+    on two cores measured there; more cores decode more."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 2
+    try:
+        processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        processes = 1
+    return max(2, min(8, cores // processes))
 
 
 def decode(utterance: Utterance, feature_extractor, min_samples: int, max_seconds: float | None = None,
@@ -450,7 +467,8 @@ def _build(config: BuildConfig, manifest, loaded: LoadedModel, meta: dict, *, ra
                disable=not shown, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
     building_at_start, polled = committed_count(Path(config.out)), 0.0
     started = time.perf_counter()
-    decoder = ThreadPoolExecutor(max_workers=max(1, config.workers))
+    workers = decoding_threads() if config.workers is None else config.workers
+    decoder = ThreadPoolExecutor(max_workers=max(1, workers))
     fe, min_samples = loaded.feature_extractor, loaded.receptive_field
 
     def store_batch(items: list, states: list, stats: list) -> None:
@@ -465,7 +483,7 @@ def _build(config: BuildConfig, manifest, loaded: LoadedModel, meta: dict, *, ra
 
     stage = WriteStage(store_batch)
     try:
-        ahead = 2 + config.workers // max(1, config.batch_size)
+        ahead = 2 + workers // max(1, config.batch_size)
         def submit(batch: list[Utterance]) -> list:
             return [decoder.submit(decode, u, fe, min_samples, config.max_seconds,
                                    header_seconds=seconds[u.id]) for u in batch]

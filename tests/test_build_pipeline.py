@@ -323,3 +323,37 @@ def test_states_cast_before_the_host_copy_store_the_same_bytes(dtype, tiny_model
     for p, c, pc in zip(plain, cast, pooled_cast):
         assert p.dtype == torch.float32 and c.dtype == pc.dtype == getattr(torch, dtype)
         assert to_storage(c, dtype).tobytes() == to_storage(p, dtype).tobytes() == to_storage(pc, dtype).tobytes()
+
+
+@pytest.mark.parametrize("cores,processes,expected", [(1, None, 2), (2, None, 2), (6, None, 6), (64, None, 8),
+                                                      (16, "4", 4), (16, "16", 2), (16, "junk", 8)])
+def test_default_decoding_threads_follow_the_cores(monkeypatch, cores, processes, expected):
+    """One decoding thread per usable core (2 to 8), the node's cores shared among the
+    processes of a multi-GPU launch."""
+    import os
+
+    from cachegen.build import decoding_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    if processes is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+    assert decoding_threads() == expected
+
+
+def test_build_without_workers_decodes_on_the_default_threads(monkeypatch, tiny_model, corpus, tmp_path):
+    import cachegen.build as build
+
+    sizes = []
+
+    class Recording(build.ThreadPoolExecutor):
+        def __init__(self, max_workers=None, **kw):
+            sizes.append(max_workers)
+            super().__init__(max_workers=max_workers, **kw)
+
+    monkeypatch.setattr(build, "decoding_threads", lambda: 5)
+    monkeypatch.setattr(build, "ThreadPoolExecutor", Recording)
+    build_cache(BuildConfig(manifest=corpus, out=str(tmp_path / "s.zarr"), model=tiny_model, layers=1,
+                            progress=False))
+    assert 5 in sizes
