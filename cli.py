@@ -157,17 +157,27 @@ def cache_info(store, as_json, cache_dir):
 @click.argument("store")
 @STORAGE_OPTIONS
 @click.option("--cache-dir", default=None, help="Keep a remote store's files here after their first read.")
-def cache_verify(store, cache_dir):
+@click.option("--repair", is_flag=True,
+              help="Local store: forget the damaged utterances, so that rerunning the store's "
+                   "`ser cache build` command computes them again (the rest is kept).")
+def cache_verify(store, cache_dir, repair):
     """Check every utterance's checksum and the index; exit 1 naming each problem."""
-    from cachegen.verify import verify_store
+    from cachegen.verify import repair_store, verify_store
 
     report = verify_store(store, cache_dir=cache_dir)
     for problem in report.problems:
         click.echo(f"problem: {problem}", err=True)
-    if not report.ok:
-        click.echo(f"{store}: {len(report.problems)} problem(s) in {report.checked} utterances", err=True)
-        sys.exit(1)
-    click.echo(f"{store}: ok ({report.checked} utterances, every checksum matches)")
+    if report.ok:
+        click.echo(f"{store}: ok ({report.checked} utterances, every checksum matches)")
+        return
+    click.echo(f"{store}: {len(report.problems)} problem(s) in {report.checked} utterances", err=True)
+    if repair:
+        forgotten = repair_store(store, report)
+        click.echo(f"{store}: forgot {len(forgotten)} damaged utterance(s) ({', '.join(forgotten[:10])}"
+                   f"{' ...' if len(forgotten) > 10 else ''}); the store is incomplete until you rerun "
+                   "the same `ser cache build` command, which computes only them")
+        return
+    sys.exit(1)
 
 
 @cache.command("copy")

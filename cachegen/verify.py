@@ -75,6 +75,9 @@ class VerifyReport:
     checked: int = 0
     problems: list[str] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)  # ids whose bytes fail their checksum
+    unreadable: list[str] = field(default_factory=list)  # ids whose index row cannot be right
+    unnamed: int = 0  # problems of the index as a whole (an id listed twice)
+    building: bool = False  # _building/ exists: a build in progress or interrupted
 
     @property
     def ok(self) -> bool:
@@ -87,9 +90,58 @@ def verify_store(location: str, *, cache_dir: str | None = None) -> VerifyReport
     with open_cache(location, cache_dir=cache_dir) as reader:
         report = verify_reader(reader)
     if os.path.isdir(os.path.join(location, "_building")):
+        report.building = True
         report.problems.append("a build in progress or interrupted (_building/ exists): "
                                "rerun `ser cache build` to finish it")
     return report
+
+
+def repair_store(location: str, report: VerifyReport) -> list[str]:
+    """Forget the utterances `report` found damaged or impossibly indexed, so that running
+    the store's `ser cache build` command again computes them anew; the rest of the store is
+    kept. Their records leave index.parquet (atomically) and the store is marked incomplete;
+    their old rows stay in the array, unused. Returns the ids forgotten.
+
+    Raises:
+        StoreError: not a local store folder, a build holds the store or left `_building/`,
+            or a problem has no utterance to forget (an id listed twice).
+    """
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    from .errors import StoreError
+    from .lock import BuildLock
+    from .store import StoreWriter, read_meta
+
+    path = Path(location)
+    if not path.is_dir() or read_meta(path) is None:
+        raise StoreError(f"{location}: --repair works on a local store folder; copy the store "
+                         "there (`ser cache copy`), repair the copy, and share it again")
+    if report.building:
+        raise StoreError(f"{location}: a build is in progress or was interrupted (_building/ "
+                         "exists); rerun `ser cache build` to finish it, then verify again")
+    if report.unnamed:
+        raise StoreError(f"{location}: {report.unnamed} problem(s) of the index name no single "
+                         "utterance to compute again (an id listed twice); rebuild the store "
+                         "with --overwrite")
+    ids = sorted(set(report.damaged) | set(report.unreadable))
+    if not ids:
+        return []
+    lock = BuildLock(path)  # exclusive: refused, naming the holder, while a build runs
+    try:
+        meta = read_meta(path)
+        writer = StoreWriter(path, meta)
+        try:
+            writer.retire(set(ids))
+            writer.finalize(table=None, extra_meta={
+                "complete": False, "utterances": len(writer.committed),
+                "audio_hours": sum(r["seconds"] for r in writer.committed.values()) / 3600,
+                "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        finally:
+            writer.close()
+    finally:
+        lock.release()
+    return ids
 
 
 def verify_reader(reader: CacheReader) -> VerifyReport:
@@ -100,6 +152,9 @@ def verify_reader(reader: CacheReader) -> VerifyReport:
         report.problems.append(f"index: {problem}")
         if uid is not None:
             unreadable.add(uid)
+        else:
+            report.unnamed += 1
+    report.unreadable = sorted(unreadable)
     for uid in reader.ids:
         if uid in unreadable:  # its row is impossible: reading it would mean nothing
             continue

@@ -262,6 +262,59 @@ def test_flipped_byte_and_deleted_chunk_are_detected(built_store, tmp_path):
             open_cache(copy)[uid]
 
 
+def test_verify_repair_forgets_the_damaged_and_the_same_build_computes_them_again(tiny_model, corpus,
+                                                                                  tmp_path):
+    """Bit rot in one shard: `verify --repair` keeps every intact utterance, forgets the
+    damaged ones (the store reads cleanly, marked incomplete), and the same build command
+    computes only those again, to the states an intact build holds."""
+    out = tmp_path / "s.zarr"
+    build = ["cache", "build", corpus, "--model", tiny_model, "--layers", 2, "--dtype", "float32",
+             "--shard-frames", 64, "--out", out, "--no-progress"]
+    assert run_cli(*build).exit_code == 0
+    before = {uid: np.array(states) for uid, states in states_by_id(out).items()}  # not views of the files
+    shard = sorted((out / "states" / "c").rglob("*"))[1]
+    data = bytearray(shard.read_bytes())
+    data[8] ^= 0x10  # inside the first row of that shard's first utterance
+    shard.write_bytes(bytes(data))
+    reader = open_cache(out)
+    damaged = [uid for uid in reader.ids if _fails(reader, uid)]
+    assert len(damaged) == 1
+    assert run_cli("cache", "verify", out).exit_code == 1  # without --repair nothing changes
+    assert len(open_cache(out)) == len(before)
+
+    result = run_cli("cache", "verify", out, "--repair")
+    assert result.exit_code == 0 and f"forgot 1 damaged utterance(s) ({damaged[0]})" in result.output
+    reader = open_cache(out)
+    assert set(reader.ids) == set(before) - set(damaged) and reader.meta["complete"] is False
+    assert all(np.array_equal(reader[uid], before[uid]) for uid in reader.ids)
+    assert run_cli("cache", "verify", out).exit_code == 0
+
+    result = run_cli(*build)
+    assert result.exit_code == 0 and "Cached 1 utterances" in result.output, result.output
+    after = states_by_id(out)
+    assert set(after) == set(before) and open_cache(out).meta["complete"] is True
+    for uid, states in before.items():
+        assert np.abs(after[uid] - states).max() <= 1e-4 * np.abs(states).max(), uid
+    assert run_cli("cache", "verify", out).exit_code == 0
+
+
+def test_verify_repair_refuses_what_it_cannot_repair(built_store, tmp_path):
+    from cachegen.verify import VerifyReport, repair_store
+
+    damage = VerifyReport(store="x", checked=1, problems=["'u' fails its checksum"], damaged=["u"])
+    with pytest.raises(StoreError, match="local store folder"):
+        repair_store(str(tmp_path / "s.zip"), damage)
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(built_store, copy)
+    (copy / "_building").mkdir()
+    result = run_cli("cache", "verify", copy, "--repair")
+    assert result.exit_code == 1 and "_building/ exists" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("ser: error:")
+    twice = VerifyReport(store="x", checked=1, problems=["index: id(s) listed twice: 'u'"], unnamed=1)
+    with pytest.raises(StoreError, match="listed twice"):
+        repair_store(str(built_store), twice)
+
+
 def _fails(reader, uid):
     try:
         reader[uid]
