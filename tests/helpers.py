@@ -63,6 +63,23 @@ def assert_store_equals(reader, reference: dict[str, list[np.ndarray]], layer: i
         assert max_relative_error(got, states[layer]) < 1e-4, (layer, uid)
 
 
+def build_every_layer(model_dir, manifest, tmp_path, *, batch_size: int) -> list:
+    """Float32 stores of `manifest` at every layer L = 0..4, each checked against transformers
+    run on each utterance alone (`assert_store_equals`); returns their readers, L in order."""
+    from cachegen import open_cache
+    from cachegen.build import BuildConfig, build_cache
+
+    reference = transformers_states(model_dir, manifest)
+    readers = []
+    for layer in range(0, 5):
+        out = tmp_path / f"l{layer}.zarr"
+        build_cache(BuildConfig(manifest=str(manifest), out=str(out), model=model_dir, layers=layer,
+                                dtype="float32", batch_size=batch_size, progress=False))
+        readers.append(open_cache(out))
+        assert_store_equals(readers[-1], reference, layer)
+    return readers
+
+
 def quick(**overrides):
     """TrainConfig for tests: one epoch, no dropout, no warm-up, a fixed seed (deterministic and
     small); `overrides` on top."""

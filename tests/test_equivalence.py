@@ -7,24 +7,13 @@ import torch
 
 from cachegen import open_cache
 from cachegen.build import BuildConfig, build_cache
-from helpers import max_relative_error, run_cli, transformers_states
+from helpers import build_every_layer, max_relative_error, run_cli, transformers_states
 
 
 @pytest.mark.parametrize("variant", ["tiny_model", "stable_model"])
 @pytest.mark.parametrize("batch_size", [1, 5])
 def test_float32_store_equals_transformers_for_every_layer(variant, batch_size, corpus, tmp_path, request):
-    model_dir = request.getfixturevalue(variant)
-    for layer in range(0, 5):
-        out = tmp_path / f"l{layer}.zarr"
-        build_cache(BuildConfig(manifest=corpus, out=str(out), model=model_dir, layers=layer,
-                                dtype="float32", batch_size=batch_size, progress=False))
-        reference = {uid: states[layer] for uid, states in transformers_states(model_dir, corpus).items()}
-        reader = open_cache(out)
-        assert sorted(reader.ids) == sorted(reference)
-        for uid, expected in reference.items():
-            got = reader[uid]
-            assert got.dtype == np.float32 and got.shape == expected.shape
-            assert max_relative_error(got, expected) < 1e-4, (variant, layer, uid)
+    build_every_layer(request.getfixturevalue(variant), corpus, tmp_path, batch_size=batch_size)
 
 
 def test_batch_size_does_not_change_states(tiny_model, corpus, tmp_path):
