@@ -77,8 +77,9 @@ def audio_seconds(path: str) -> float:
 def plain_pcm16_wav(data: bytes) -> tuple[np.ndarray, int] | None:
     """(int16 samples (frames, channels), sample rate) of a plain 16-bit PCM WAV file: RIFF,
     format tag 1, block align 2 x channels, only the chunks of PLAIN_WAV_CHUNKS, each up to the
-    data chunk whole and inside the RIFF size. None for anything else, which libsndfile decodes: the fast path of
-    `load_audio` takes only files whose samples it reads exactly as libsndfile does."""
+    data chunk whole and inside the RIFF size. None for anything else, which libsndfile
+    decodes: the fast path of `load_audio` takes only files whose samples it reads exactly as
+    libsndfile does."""
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         return None
     end = min(len(data), int.from_bytes(data[4:8], "little") + 8)

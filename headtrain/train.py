@@ -411,6 +411,14 @@ def train(config: TrainConfig, *, source=None) -> TrainResult:
     if config.log_with:
         accelerator.init_trackers(PROJECT, config=run_options(config))
 
+    def save_best(unwrapped, epoch: int, dev: dict) -> None:
+        """The weights of `epoch` as the run's result: tensors, config.json (and the layer
+        weights of a weighted-sum run)."""
+        save_tensors(unwrapped.trained_state(), run_dir / WEIGHTS)
+        write_json({**info, "best_epoch": epoch, "best_dev": dev}, run_dir / "config.json")
+        if pooled:
+            write_layer_weights(run_dir, unwrapped.layer_weights(), epoch=epoch)
+
     def on_epoch(record: dict, improved: bool) -> None:
         if pooled:  # how the layer weights move, epoch by epoch
             record["layer_weights"] = accelerator.unwrap_model(model).layer_weights()
@@ -423,11 +431,7 @@ def train(config: TrainConfig, *, source=None) -> TrainResult:
             unwrapped = accelerator.unwrap_model(model)
             with writing(run_dir, hint=resume_hint):
                 if improved:
-                    save_tensors(unwrapped.trained_state(), run_dir / WEIGHTS)
-                    write_json({**info, "best_epoch": best["epoch"], "best_dev": best["dev"]},
-                               run_dir / "config.json")
-                    if pooled:
-                        write_layer_weights(run_dir, unwrapped.layer_weights(), epoch=best["epoch"])
+                    save_best(unwrapped, best["epoch"], best["dev"])
                 save_checkpoint(run_dir, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
                                 state={"epoch": record["epoch"], "history": history,
                                        "best": {**best, "mean": best["mean"] if math.isfinite(best["mean"]) else None}})
@@ -456,12 +460,7 @@ def train(config: TrainConfig, *, source=None) -> TrainResult:
     if accelerator.is_main_process:
         with writing(run_dir, hint=resume_hint):
             if best["epoch"] == 0:  # dev score was never finite: keep the last weights, flagged
-                save_tensors(accelerator.unwrap_model(model).trained_state(), run_dir / WEIGHTS)
-                write_json({**info, "best_epoch": len(history), "best_dev": history[-1]["dev"]},
-                           run_dir / "config.json")
-                if pooled:
-                    write_layer_weights(run_dir, accelerator.unwrap_model(model).layer_weights(),
-                                        epoch=len(history))
+                save_best(accelerator.unwrap_model(model), len(history), history[-1]["dev"])
             # metrics.json last: a run directory without it is a training that did not finish
             write_json({"best_epoch": best["epoch"], "dev": best["dev"]}, run_dir / "metrics.json")
     if config.log_with:
