@@ -24,7 +24,7 @@ from .errors import SerError, StoreCorrupt, StoreError, UnsafeInput
 from .sources import (ARRAY, POOLED, ROOT, Source, arrow_owned, open_source, read_key, read_key_size,
                       shard_layout)
 from .store import (ALLOWED_CODECS, CHECKSUMS, FORMAT, INDEX_OPTIONAL, INDEX_SCHEMA, POOLED_CRC,
-                    READABLE_VERSIONS, STORAGE_DTYPES, check_meta, checksum, from_storage,
+                    READABLE_VERSIONS, STORAGE_DTYPES, check_meta, checksum, crc_function, from_storage,
                     pooled_shape, quiet_zarr, storage_width)
 from .zarr_view import MAX_CHUNK_BYTES, MAX_METADATA_BYTES, MAX_SHARD_CHUNKS, SourceStore
 
@@ -153,7 +153,7 @@ class LocalShards:
             first, last = low // self.chunk_rows, (low + frames - 1) // self.chunk_rows
             if runs[first] == runs[last] >= 0:  # one run of adjacent chunks: a view, no copy
                 begin = offsets[first] + (low - first * self.chunk_rows) * self.row_bytes
-                return data[begin:begin + frames * self.row_bytes].view(self.dtype).reshape(frames, self.hidden)
+                return np.ndarray((frames, self.hidden), self.dtype, data, begin)
         out = np.empty((frames, self.hidden), self.dtype)
         row, end = start, start + frames
         while row < end:
@@ -306,6 +306,7 @@ class CacheReader:
         self.meta: dict = meta
         self.dtype: str = meta["dtype"]
         self.checksum: str = meta.get("checksum", "crc32")
+        self._crc = crc_function(self.checksum)
         self.store = SourceStore(self.source)
         self.store.limits = chunk_limits(location, meta, consolidated[ARRAY])
         group = zarr.open_group(self.store, mode="r", zarr_format=3, use_consolidated=True)
@@ -388,16 +389,19 @@ class CacheReader:
                                f"(start {start}, frames {frames}); run `ser cache verify`")
         try:
             raw = self._local.read(start, frames) if self._local else None
-            if raw is None:
+            if raw is not None:  # little-endian and contiguous: checked in place (the hot path)
+                crc_ok = self._crc(raw) == crc
+            else:
                 if self._layout:
                     self._prefetch(start, frames)
                 raw = self.states[start:start + frames]
+                crc_ok = checksum(raw, self.checksum) == crc
         except (StoreError, UnsafeInput):
             raise  # unreachable or refused: nothing is known about the bytes
         except Exception as err:  # a damaged shard fails inside the codec pipeline
             raise StoreCorrupt(f"{self.location}: utterance '{uid}' cannot be read ({err}); "
                                "run `ser cache verify`") from None
-        if checksum(raw, self.checksum) != crc:
+        if not crc_ok:
             raise StoreCorrupt(f"{self.location}: utterance '{uid}' fails its checksum (damaged or "
                                "missing chunk); run `ser cache verify` and rebuild the store")
         return raw

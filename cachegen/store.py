@@ -142,15 +142,19 @@ def from_storage(array: np.ndarray, dtype: str) -> np.ndarray:
 COMPACT_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16", "int8": "int8"}
 
 
-def checksum(array: np.ndarray, kind: str = "crc32c") -> int:
-    """CRC of the little-endian bytes of `array` ("crc32c": Castagnoli, in hardware where the CPU
-    has it; "crc32": zlib's, the checksum of version 1 stores). No copy when already little-endian."""
-    data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+def crc_function(kind: str):
+    """The CRC of a buffer's bytes: "crc32c" (Castagnoli, in hardware where the CPU has it) or
+    "crc32" (zlib's, the checksum of version 1 stores)."""
     if kind == "crc32c":
         import crc32c
 
-        return crc32c.crc32c(data)
-    return zlib.crc32(data)
+        return crc32c.crc32c
+    return zlib.crc32
+
+
+def checksum(array: np.ndarray, kind: str = "crc32c") -> int:
+    """CRC of the little-endian bytes of `array`. No copy when already little-endian and contiguous."""
+    return crc_function(kind)(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")))
 
 
 def default_shard_frames(hidden: int, dtype: str, chunk_frames: int) -> int:
