@@ -18,7 +18,8 @@ class SerGroup(click.Group):
         try:
             return super().invoke(ctx)
         except SerError as err:
-            click.echo(f"ser: error: {err}", err=True)
+            # a library's message quoted inside ours (pyarrow's, zarr's) may span lines
+            click.echo("ser: error: " + " ".join(str(err).split()), err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("ser: interrupted; rerun the same command to resume", err=True)

@@ -30,6 +30,7 @@ def one_error_line(result, *parts) -> str:
     assert result.exit_code == 1, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("ser: error:")]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.rstrip().splitlines()[-1] == lines[0], result.stderr  # nothing after it
     for part in parts:
         assert part in lines[0], lines[0]
     return lines[0]

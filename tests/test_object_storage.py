@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from helpers import run_cli
 from http_server import StaticServer
-from test_sharing import local_states, one_line_error
+from helpers import one_error_line
+from test_sharing import local_states
 
 BUCKET = "lab"
 
@@ -118,7 +119,7 @@ def test_copy_info_verify_and_train_from_s3_equal_disk(aws, store, tmp_path):
         k: v for k, v in local.items() if k not in ("store", "source")}
     result = run_cli("cache", "verify", url)
     assert result.exit_code == 0 and "ok (24 utterances" in result.output
-    one_line_error(run_cli("cache", "copy", store, url), "already holds a store")
+    one_error_line(run_cli("cache", "copy", store, url), "already holds a store")
 
     cache = tmp_path / "cache"
     assert run_cli("train", "--from-cache", store, "--out", tmp_path / "disk", *TRAIN).exit_code == 0
@@ -140,9 +141,9 @@ def test_storage_options_give_endpoint_and_credentials(s3, isolated, store):
     result = run_cli("cache", "verify", url, "--storage-options", options)
     assert result.exit_code == 0 and "ok (24 utterances" in result.output
     wrong = json.dumps({"s3": {"endpoint_url": endpoint, "key": key, "secret": "not-the-secret"}})
-    one_line_error(run_cli("cache", "info", url, "--storage-options", wrong), url)
-    one_line_error(run_cli("cache", "info", url, "--storage-options", "{not json"), "--storage-options")
-    one_line_error(run_cli("cache", "info", url, "--storage-options", '{"endpoint_url": "x"}'),
+    one_error_line(run_cli("cache", "info", url, "--storage-options", wrong), url)
+    one_error_line(run_cli("cache", "info", url, "--storage-options", "{not json"), "--storage-options")
+    one_error_line(run_cli("cache", "info", url, "--storage-options", '{"endpoint_url": "x"}'),
                    "--storage-options", '"s3"')
 
 
@@ -170,8 +171,8 @@ def test_killed_copy_to_s3_is_never_a_store_and_resumes(aws, store, tmp_path):
     left = s3fs.S3FileSystem().find(f"{BUCKET}/stores/killed.zarr")
     assert len([k for k in left if "/states/c/" in k]) >= 1 and not any(k.endswith("/zarr.json") and
                                                                        "/states/" not in k for k in left)
-    one_line_error(run_cli("cache", "info", url), url, "no zarr.json")
-    one_line_error(run_cli("train", "--from-cache", url, "--out", tmp_path / "r", *TRAIN), "no zarr.json")
+    one_error_line(run_cli("cache", "info", url), url, "no zarr.json")
+    one_error_line(run_cli("train", "--from-cache", url, "--out", tmp_path / "r", *TRAIN), "no zarr.json")
 
     result = run_cli("cache", "copy", store, url)
     assert result.exit_code == 0 and "were already copied by an earlier run" in result.output, result.output
@@ -185,9 +186,9 @@ def test_missing_bucket_and_bad_credentials_are_one_line(s3, isolated, store, tm
         isolated.setenv(name, value)
     assert run_cli("cache", "copy", store, f"s3://{BUCKET}/stores/auth.zarr").exit_code == 0
     missing = "s3://no-such-bucket/x.zarr"
-    one_line_error(run_cli("cache", "info", missing), missing)
-    one_line_error(run_cli("cache", "copy", store, missing), missing)
-    one_line_error(run_cli("train", "--from-cache", missing, "--out", tmp_path / "r", *TRAIN), missing)
+    one_error_line(run_cli("cache", "info", missing), missing)
+    one_error_line(run_cli("cache", "copy", store, missing), missing)
+    one_error_line(run_cli("train", "--from-cache", missing, "--out", tmp_path / "r", *TRAIN), missing)
 
     url = f"s3://{BUCKET}/stores/auth.zarr"
     for wrong_key, wrong_secret in ((key, "not-the-secret"), ("AKIAUNKNOWNKEY000000", secret)):
@@ -196,11 +197,11 @@ def test_missing_bucket_and_bad_credentials_are_one_line(s3, isolated, store, tm
         import s3fs
 
         s3fs.S3FileSystem.clear_instance_cache()
-        one_line_error(run_cli("cache", "info", url), url)
-        one_line_error(run_cli("cache", "verify", url, "--cache-dir", tmp_path / "c"), url)
-        one_line_error(run_cli("cache", "copy", store, f"s3://{BUCKET}/stores/denied.zarr"),
+        one_error_line(run_cli("cache", "info", url), url)
+        one_error_line(run_cli("cache", "verify", url, "--cache-dir", tmp_path / "c"), url)
+        one_error_line(run_cli("cache", "copy", store, f"s3://{BUCKET}/stores/denied.zarr"),
                        f"s3://{BUCKET}/stores/denied.zarr")
-        one_line_error(run_cli("train", "--from-cache", url, "--cache-dir", tmp_path / "c",
+        one_error_line(run_cli("train", "--from-cache", url, "--cache-dir", tmp_path / "c",
                                "--out", tmp_path / "r", *TRAIN), url)
 
 
@@ -265,8 +266,8 @@ def test_copy_verify_and_train_from_gcs_equal_disk(gcs_user, store, tmp_path):
     disk, remote = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("disk", "gs"))
     assert disk.keys() == remote.keys() and all(disk[k].equal(remote[k]) for k in disk)
     missing = "gs://no-such-bucket/x.zarr"
-    one_line_error(run_cli("cache", "info", missing, *options), missing)
-    one_line_error(run_cli("cache", "copy", store, missing, *options), missing)
+    one_error_line(run_cli("cache", "info", missing, *options), missing)
+    one_error_line(run_cli("cache", "copy", store, missing, *options), missing)
 
 
 # --- the extras -------------------------------------------------------------------------------

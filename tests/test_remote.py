@@ -11,7 +11,7 @@ from cachegen import open_cache
 from cachegen.build import BuildConfig, build_cache
 from cachegen.errors import StoreError
 from cachegen.sources import FsspecSource
-from helpers import run_cli
+from helpers import one_error_line, run_cli
 from faulty_http import FaultyServer
 
 
@@ -53,15 +53,6 @@ def bounded(call, *args):
     return result["value"]
 
 
-def one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("ser: error: ")]
-    assert len(errors) == 1 and result.stderr.endswith(errors[0] + "\n"), result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-
-
 def shard_paths(store):
     return sorted("/s.zarr/" + p.relative_to(store).as_posix() for p in (store / "states" / "c").rglob("*")
                   if p.is_file())
@@ -70,7 +61,7 @@ def shard_paths(store):
 def test_stalled_server_fails_in_bounded_time_naming_the_url(store, server):
     server.faults["*"] = ["stall"] * 50
     result = bounded(run_cli, "cache", "info", f"{server.url}/s.zarr")
-    one_line_error(result, f"{server.url}/s.zarr/zarr.json", "after 3 tries")
+    one_error_line(result, f"{server.url}/s.zarr/zarr.json", "after 3 tries")
     assert len(server.requests("/s.zarr/zarr.json")) == 3  # the first try and 2 retries, no more
 
 
@@ -84,11 +75,11 @@ def test_transient_5xx_is_tried_again(store, server):
 
 def test_persistent_5xx_and_4xx_are_one_line(store, server):
     server.faults["/s.zarr/index.parquet"] = ["500"] * 50
-    one_line_error(bounded(run_cli, "cache", "verify", f"{server.url}/s.zarr"),
+    one_error_line(bounded(run_cli, "cache", "verify", f"{server.url}/s.zarr"),
                    f"{server.url}/s.zarr/index.parquet", "500", "after 3 tries")
     assert len(server.requests("/s.zarr/index.parquet")) == 3
     server.faults["/s.zarr/index.parquet"] = ["403"] * 50
-    one_line_error(bounded(run_cli, "cache", "verify", f"{server.url}/s.zarr"),
+    one_error_line(bounded(run_cli, "cache", "verify", f"{server.url}/s.zarr"),
                    f"{server.url}/s.zarr/index.parquet", "403")
     assert len(server.requests("/s.zarr/index.parquet")) == 4  # a 403 is not tried again
 

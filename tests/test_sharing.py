@@ -14,7 +14,7 @@ import torch
 from cachegen import open_cache
 from cachegen.build import BuildConfig, build_cache
 from cachegen.errors import StoreCorrupt, StoreError
-from helpers import run_cli
+from helpers import one_error_line, run_cli
 from http_server import StaticServer
 
 
@@ -53,17 +53,6 @@ def serve(store: Path, www: Path, name: str) -> Path:
 def local_states(store) -> dict:
     with open_cache(store) as reader:
         return {uid: reader.read_raw(uid).tobytes() for uid in reader.ids}
-
-
-def one_line_error(result, *fragments):
-    """Exit status 1 and one error line (after any log lines), no traceback."""
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("ser: error: ")]
-    assert len(errors) == 1 and result.stderr.endswith(errors[0] + "\n"), result.stderr
-    message = errors[0]
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 def files_of(folder: Path) -> dict:
@@ -151,7 +140,7 @@ def test_http_without_consolidated_metadata_is_an_explicit_error(store, www, ser
     root = json.loads((copy / "zarr.json").read_text())
     del root["consolidated_metadata"]
     (copy / "zarr.json").write_text(json.dumps(root))
-    one_line_error(run_cli("cache", "info", f"{server.url}/plain.zarr"), "no consolidated metadata")
+    one_error_line(run_cli("cache", "info", f"{server.url}/plain.zarr"), "no consolidated metadata")
 
 
 def test_python_http_server_without_range_support_still_reads_right(store, tmp_path):
@@ -195,7 +184,7 @@ def test_cache_dir_second_read_is_local_and_survives_the_server_stopping(store, 
     assert "reading the local copy" in result.stderr
     with open_cache(url, cache_dir=cache_dir) as reader:
         assert {uid: reader.read_raw(uid).tobytes() for uid in reader.ids} == expected
-    one_line_error(run_cli("cache", "verify", url), f"{url}/zarr.json: cannot read")
+    one_error_line(run_cli("cache", "verify", url), f"{url}/zarr.json: cannot read")
 
 
 def test_cached_copy_never_stands_in_for_a_store_removed_from_the_server(store, www, server, tmp_path):
@@ -222,7 +211,7 @@ def test_pack_to_zip_reads_and_verifies_in_place(store, tmp_path):
     assert run_cli("cache", "verify", out).exit_code == 0
     result = run_cli("cache", "info", out)
     assert result.exit_code == 0 and "utterances:   24" in result.output and "columns:" in result.output
-    one_line_error(run_cli("cache", "pack", store, out), "already exists")
+    one_error_line(run_cli("cache", "pack", store, out), "already exists")
 
     with zipfile.ZipFile(out) as archive:  # flip one byte inside a shard, size unchanged
         info = archive.getinfo(sorted(n for n in archive.namelist() if n.startswith("states/c/"))[2])
@@ -255,7 +244,7 @@ def test_copy_from_http_to_folder_zip_and_object_store(store, www, server, tmp_p
     # an object store (memory:// stands in for s3://): files in place, zarr.json last
     assert run_cli("cache", "copy", tmp_path / "b.zip", "memory://bucket/c.zarr").exit_code == 0
     assert local_states("memory://bucket/c.zarr") == local_states(store)
-    one_line_error(run_cli("cache", "copy", store, tmp_path / "a.zarr"), "already exists")
+    one_error_line(run_cli("cache", "copy", store, tmp_path / "a.zarr"), "already exists")
 
 
 def crash_after(count: int, real_write, written: list):
@@ -336,9 +325,9 @@ def test_copy_of_a_damaged_store_is_refused_and_not_published(store, tmp_path):
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
     at_source = "fail their checksums at the source"
-    one_line_error(run_cli("cache", "copy", source, tmp_path / "out.zarr"), at_source, "nothing was published")
+    one_error_line(run_cli("cache", "copy", source, tmp_path / "out.zarr"), at_source, "nothing was published")
     assert not (tmp_path / "out.zarr").exists()
-    one_line_error(run_cli("cache", "pack", source, tmp_path / "out.zip"), at_source)
+    one_error_line(run_cli("cache", "pack", source, tmp_path / "out.zip"), at_source)
     assert not (tmp_path / "out.zip").exists()
 
 
@@ -396,11 +385,11 @@ def test_unsafe_or_incompatible_store_refused_before_decoding(edit, expected, st
     url = f"{server.url}/{name}"
     mark = server.mark()
     for command in ("info", "verify"):
-        one_line_error(run_cli("cache", command, url), expected)
-        one_line_error(run_cli("cache", command, local), expected)
+        one_error_line(run_cli("cache", command, url), expected)
+        one_error_line(run_cli("cache", command, local), expected)
     # nothing past zarr.json was fetched: no index, no shard, nothing decoded
     assert {r["path"] for r in server.requests_since(mark)} == {f"/{name}/zarr.json"}
-    one_line_error(run_cli("cache", "copy", url, tmp_path / "copy.zarr"), expected)
+    one_error_line(run_cli("cache", "copy", url, tmp_path / "copy.zarr"), expected)
     assert not (tmp_path / "copy.zarr").exists() and not (tmp_path / "copy.zarr.partial").exists()
 
 
@@ -431,8 +420,8 @@ def _symlink(name: str) -> zipfile.ZipInfo:
 def test_unsafe_zip_refused(member, expected, store, tmp_path):
     archive = _zip_with(store, tmp_path / "bad.zip", member, b"/etc/passwd")
     for command in ("info", "verify"):
-        one_line_error(run_cli("cache", command, archive), expected)
-    one_line_error(run_cli("cache", "copy", archive, tmp_path / "out.zarr"), expected)
+        one_error_line(run_cli("cache", command, archive), expected)
+    one_error_line(run_cli("cache", "copy", archive, tmp_path / "out.zarr"), expected)
     with pytest.raises(Exception, match="refusing"):
         open_cache(archive)
 
@@ -582,4 +571,4 @@ def test_training_refuses_an_incompatible_format_version(store, www, server, tmp
     location = plant(store, www, "future-train.zarr", future)
     result = run_cli("train", "--from-cache", f"{server.url}/{location.name}", "--out", tmp_path / "r",
                      "--top-layers", 2)
-    one_line_error(result, "format version 99")
+    one_error_line(result, "format version 99")
