@@ -7,7 +7,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from .errors import StoreCorrupt
+from .errors import SerError, StoreCorrupt, StoreError
 from .reader import CacheReader, open_cache
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)  # ids whose bytes fail their checksum
     unreadable: list[str] = field(default_factory=list)  # ids whose index row cannot be right
-    unnamed: int = 0  # problems of the index as a whole (an id listed twice)
+    unnamed: int = 0  # problems of the store as a whole (an id listed twice, array metadata)
     building: bool = False  # _building/ exists: a build in progress or interrupted
 
     @property
@@ -121,9 +121,9 @@ def repair_store(location: str, report: VerifyReport) -> list[str]:
         raise StoreError(f"{location}: a build is in progress or was interrupted (_building/ "
                          "exists); rerun `ser cache build` to finish it, then verify again")
     if report.unnamed:
-        raise StoreError(f"{location}: {report.unnamed} problem(s) of the index name no single "
-                         "utterance to compute again (an id listed twice); rebuild the store "
-                         "with --overwrite")
+        raise StoreError(f"{location}: {report.unnamed} problem(s) name no single utterance to "
+                         "compute again (an id listed twice, damaged array metadata); rebuild the "
+                         "store with --overwrite, or copy it again from a good copy")
     ids = sorted(set(report.damaged) | set(report.unreadable))
     if not ids:
         return []
@@ -147,6 +147,9 @@ def repair_store(location: str, report: VerifyReport) -> list[str]:
 def verify_reader(reader: CacheReader) -> VerifyReport:
     """`verify_store` on an open reader (`ser cache copy` verifies its copy before publishing it)."""
     report = VerifyReport(store=reader.location)
+    for problem in metadata_problems(reader):
+        report.problems.append(problem)
+        report.unnamed += 1
     unreadable = set()
     for uid, problem in index_problems(reader):
         report.problems.append(f"index: {problem}")
@@ -167,6 +170,38 @@ def verify_reader(reader: CacheReader) -> VerifyReport:
             report.damaged.append(uid)
         report.checked += 1
     return report
+
+
+def metadata_problems(reader: CacheReader) -> list[str]:
+    """Each array's own zarr.json must say what the root's consolidated copy (the one ser
+    reads) says: zarr alone, without consolidated metadata, reads the array's own file."""
+    import json
+
+    consolidated = json.loads(reader.root_json)["consolidated_metadata"]["metadata"]
+    problems = []
+    for name, node in sorted(consolidated.items()):
+        key = f"{name}/zarr.json"
+        try:
+            own = json.loads(reader._read_small(key) or b"null")
+        except StoreCorrupt as err:
+            problems.append(f"{key} cannot be read ({err})")
+            continue
+        except StoreError as err:  # unreachable (a server gone, a local copy read offline)
+            log.warning("%s: %s not checked (%s)", reader.location, key, err)
+            continue
+        except (ValueError, SerError) as err:
+            problems.append(f"{key} cannot be read ({err})")
+            continue
+        if own is None:
+            problems.append(f"{key} is missing")
+        elif _present(own) != _present(node):
+            problems.append(f"{key} differs from its copy consolidated in zarr.json")
+    return problems
+
+
+def _present(node):
+    """`node` without its null fields (writers differ in spelling an absent field)."""
+    return {k: v for k, v in node.items() if v is not None} if isinstance(node, dict) else node
 
 
 def index_problems(reader: CacheReader) -> list[tuple[str | None, str]]:

@@ -18,7 +18,7 @@ from cachegen import open_cache
 from cachegen.build import BuildConfig, build_cache
 from cachegen.errors import StoreCorrupt, StoreError
 from cachegen.testing import synth_corpus
-from helpers import run_cli
+from helpers import one_error_line, run_cli
 
 SER = [sys.executable, "-c", "from cli import main; main()"]
 
@@ -313,6 +313,28 @@ def test_verify_repair_refuses_what_it_cannot_repair(built_store, tmp_path):
     twice = VerifyReport(store="x", checked=1, problems=["index: id(s) listed twice: 'u'"], unnamed=1)
     with pytest.raises(StoreError, match="listed twice"):
         repair_store(str(built_store), twice)
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda f: f.write_text(f.read_text().replace('"fill_value": 0.0', '"fill_value": 7.0')),
+     "differs from its copy consolidated"),
+    (lambda f: f.write_bytes(f.read_bytes() + b"}"), "cannot be read"),
+    (lambda f: f.unlink(), "is missing"),
+])
+def test_verify_checks_each_arrays_own_metadata(damage, expected, built_store, tmp_path):
+    """ser reads the consolidated copy in the root zarr.json, zarr alone reads states/zarr.json:
+    verify holds the two equal, and --repair, having no utterance to compute again, refuses."""
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(built_store, copy)
+    assert run_cli("cache", "verify", copy).exit_code == 0
+    own = copy / "states" / "zarr.json"
+    before = own.read_text()
+    damage(own)
+    assert own.exists() != (expected == "is missing") and (not own.exists() or own.read_text() != before)
+    result = run_cli("cache", "verify", copy)
+    assert result.exit_code == 1 and f"states/zarr.json {expected}" in result.stderr, result.stderr
+    assert run_cli("cache", "info", copy).exit_code == 0  # the consolidated copy still reads
+    one_error_line(run_cli("cache", "verify", copy, "--repair"), "damaged array metadata")
 
 
 def _fails(reader, uid):
