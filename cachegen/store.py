@@ -207,13 +207,16 @@ META_FIELDS = {"format": str, "format_version": int, "model_id": str, "model_sha
                "model_type": str, "layers": int, "num_hidden_layers": int, "hidden_size": int,
                "dtype": str, "frame_rate": (int, float), "sample_rate": int, "chunk_frames": int,
                "shard_frames": int}
+# Fields checked when present (hand-written stores may leave them out).
+OPTIONAL_META_FIELDS = {"do_stable_layer_norm": bool}
 # What a store folder holds at its top level (besides build locks and temp files of atomic
 # writes): `--overwrite` deletes nothing else.
 STORE_ENTRIES = {"zarr.json", "states", "index.parquet", "manifest.parquet", "_building"}
 
 
 def check_meta(location: str, meta) -> dict:
-    """`meta` when every field in META_FIELDS is present, of its type and in range.
+    """`meta` when every field in META_FIELDS is present, of its type and in range, and those of
+    OPTIONAL_META_FIELDS that are present are of their type.
 
     Raises:
         StoreCorrupt: naming the first field that is missing or wrong.
@@ -221,11 +224,13 @@ def check_meta(location: str, meta) -> dict:
     where = f"{location}: zarr.json metadata"
     if not isinstance(meta, dict):
         raise StoreCorrupt(f"{where} is not an object")
-    for name, kind in META_FIELDS.items():
+    for name, kind in (META_FIELDS | OPTIONAL_META_FIELDS).items():
         value = meta.get(name)
+        if value is None and name in OPTIONAL_META_FIELDS:
+            continue
         if value is None:
             raise StoreCorrupt(f"{where} lacks field '{name}'; rebuild the store")
-        if isinstance(value, bool) or not isinstance(value, kind):
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
             raise StoreCorrupt(f"{where}: field '{name}' is {json.dumps(value)[:60]}, expected "
                                f"{' or '.join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))}")
     if meta["dtype"] not in STORAGE_DTYPES:

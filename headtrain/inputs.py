@@ -151,6 +151,6 @@ def check_store_model(reader, loaded) -> None:
             "folder the store was built from")
     for field_name, value in (("hidden_size", loaded.hidden_size), ("num_hidden_layers", loaded.num_layers),
                               ("do_stable_layer_norm", loaded.stable_layer_norm)):
-        if meta[field_name] != value:
-            raise StoreMismatch(f"{location}: store has {field_name}={meta[field_name]}, model "
+        if meta.get(field_name, False) != value:  # do_stable_layer_norm may be absent: False
+            raise StoreMismatch(f"{location}: store has {field_name}={meta.get(field_name, False)}, model "
                                 f"'{loaded.model_id}' has {value}")

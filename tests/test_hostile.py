@@ -69,13 +69,16 @@ def set_meta(store, tmp_path, name, change):
     ("layers", lambda m: m.pop("layers"), "lacks field 'layers'"),
     ("hidden_size", lambda m: m.update(hidden_size="32"), "field 'hidden_size' is \"32\""),
     ("chunk_frames", lambda m: m.update(chunk_frames=0), "field 'chunk_frames' is 0"),
+    ("do_stable_layer_norm", lambda m: m.update(do_stable_layer_norm=0),
+     "field 'do_stable_layer_norm' is 0, expected bool"),
 ])
 def test_store_metadata_with_missing_or_wrong_fields(field, change, expected, built_store, corpus,
                                                      tiny_model, tmp_path):
     copy = set_meta(built_store, tmp_path, "m.zarr", change)
     for command in (["cache", "info", copy], ["cache", "verify", copy],
                     ["cache", "build", corpus, "--model", tiny_model, "--layers", 2, "--dtype",
-                     "float32", "--out", copy, "--no-progress"]):
+                     "float32", "--out", copy, "--no-progress"],
+                    ["train", "--from-cache", copy, "--epochs", 1, "--out", tmp_path / "run", "--no-progress"]):
         one_error_line(run_cli(*command), str(copy), expected)
 
 
