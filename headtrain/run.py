@@ -4,6 +4,7 @@ from it. Nothing in a run directory is pickled."""
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,39 @@ def is_number(value) -> bool:
 
 def is_sha256(value) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+RUN_LOCK = ".ser-train.lock"  # held while a `ser train` writes the folder (not a run file)
+
+
+@contextmanager
+def run_lock(run_dir: Path, *, hold: bool = True):
+    """Hold `run_dir` for one training: a second `ser train` into it (the same run resumed, or
+    another) is refused, naming the first, until this one ends; a killed holder's lock goes
+    with it (flock). A folder made here and left empty is removed again.
+
+    Raises:
+        StoreError: another process holds the folder.
+        OutputError: the folder cannot be written.
+    """
+    from cachegen.lock import BuildLock
+
+    if not hold:  # another process of the same training (accelerate) holds it
+        yield
+        return
+    created = not run_dir.exists()
+    with writing(run_dir):  # a read-only or full disk is named like any other output
+        run_dir.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o666))
+    try:
+        with BuildLock(run_dir, RUN_LOCK):
+            yield
+    finally:
+        if created:
+            try:
+                run_dir.rmdir()  # only if nothing was written
+            except OSError:
+                pass
 
 
 @contextmanager
@@ -408,6 +442,14 @@ STATE_FIELDS = {
 }
 
 
+def checkpoint_folder(run_dir: Path) -> Path | None:
+    """The run's last whole checkpoint folder, or None when no epoch has finished yet."""
+    for folder in (run_dir / CHECKPOINT, run_dir / f"{CHECKPOINT}.old"):  # .old: killed while swapping
+        if (folder / "state.json").is_file():
+            return folder
+    return None
+
+
 def load_checkpoint(run_dir: Path, *, model, optimizer, scheduler) -> dict:
     """Restore what save_checkpoint wrote; returns its JSON state (epoch, best, history).
 
@@ -416,12 +458,10 @@ def load_checkpoint(run_dir: Path, *, model, optimizer, scheduler) -> dict:
             file and the field or tensor).
         UnsafeInput: state.safetensors is not a safetensors file (never unpickled).
     """
-    folder = run_dir / CHECKPOINT
-    if not (folder / "state.json").is_file() and (run_dir / f"{CHECKPOINT}.old" / "state.json").is_file():
-        folder = run_dir / f"{CHECKPOINT}.old"  # killed while swapping: the previous one is whole
-    if not (folder / "state.json").is_file():
+    folder = checkpoint_folder(run_dir)
+    if folder is None:
         raise ConfigError(f"{run_dir}: no checkpoint to resume from (none is written before the "
-                          "first epoch ends); start the run again without --resume")
+                          "first epoch ends)")
     state_path, tensors_path = folder / "state.json", folder / "state.safetensors"
     state = read_json(state_path)
     check_fields(state_path, state, STATE_FIELDS)

@@ -274,9 +274,24 @@ def train(config: TrainConfig, *, source=None) -> TrainResult:
         >>> train(TrainConfig(out="runs/a", from_cache="msp.zarr", top_layers=3,
         ...                   targets=("activation",)))  # doctest: +SKIP
     """
+    from accelerate import Accelerator
+
+    from .run import run_lock
+
+    config.validate()
+    run_dir = Path(config.out)
+    accelerator = Accelerator(mixed_precision=config.resolved_amp, cpu=config.resolved_device == "cpu",
+                              log_with=config.log_with, project_dir=str(run_dir) if config.log_with else None)
+    # one training writes a folder at a time: a second one (or a resume of the same run) would
+    # mix two trainings' epochs, weights and config.json
+    with run_lock(run_dir, hold=accelerator.is_main_process):
+        return _train(config, run_dir, accelerator, source=source)
+
+
+def _train(config: TrainConfig, run_dir: Path, accelerator, *, source=None) -> TrainResult:
+    """`train` once the run directory is held."""
     import json
 
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from cachegen.encoder import load_model
 
@@ -290,18 +305,14 @@ def train(config: TrainConfig, *, source=None) -> TrainResult:
     from .metrics import LOSSES, mean_score, primary_metric, target_metrics
     from .parallel import global_loss, local_plan
     from .plots import plot_curves
-    from .run import (RUN_FORMAT, RUN_FORMAT_VERSION, WEIGHTS, load_checkpoint, save_checkpoint,
-                      save_tensors, write_json, write_layer_weights, writing)
+    from .run import (RUN_FORMAT, RUN_FORMAT_VERSION, WEIGHTS, checkpoint_folder, load_checkpoint,
+                      save_checkpoint, save_tensors, write_json, write_layer_weights, writing)
     from .targets import class_weights, multitask_loss, standardised, to_labels
     from .tracking import PROJECT, epoch_values, run_options
     from .upper import build_network, count_parameters
 
-    config.validate()
-    run_dir = Path(config.out)
     saved_info = check_resumable(config, run_dir) if config.resume else None
     replaced = run_files_in_the_way(run_dir, resume=config.resume, overwrite=config.overwrite)
-    accelerator = Accelerator(mixed_precision=config.resolved_amp, cpu=config.resolved_device == "cpu",
-                              log_with=config.log_with, project_dir=str(run_dir) if config.log_with else None)
     strategy = config.resolved_strategy
     inputs = Inputs.open(from_cache=config.from_cache, manifest=config.manifest, labels=config.labels,
                          cache_dir=config.cache_dir, audio_root=config.audio_root, preload=config.preload,
@@ -389,6 +400,10 @@ def train(config: TrainConfig, *, source=None) -> TrainResult:
     start_epoch = 0
     if saved_info is not None:
         check_same_data(run_dir, saved_info, info)
+    if saved_info is not None and checkpoint_folder(run_dir) is None:
+        if accelerator.is_main_process:  # stopped before its first epoch ended: nothing to keep
+            log.info("%s stopped before its first epoch ended: training it from the start", run_dir)
+    elif saved_info is not None:
         state = load_checkpoint(run_dir, model=accelerator.unwrap_model(model), optimizer=optimizer,
                                 scheduler=scheduler)
         start_epoch, history, best = state["epoch"], state["history"], state["best"]

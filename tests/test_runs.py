@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from headtrain import TrainConfig, train
-from helpers import run_cli
+from helpers import one_error_line, run_cli
 
 OPTIONS = ["--top-layers", 2, "--batch-size", 4, "--lr", "1e-3", "--head-lr", "1e-3", "--dropout", 0,
            "--warmup", 0, "--seed", 3, "--targets", "activation,valence", "--workers", 1, "--no-progress"]
@@ -208,3 +208,51 @@ def test_resumed_run_with_early_stop_ends_like_an_uninterrupted_one(built_store,
     assert same_tensors(load_file(str(tmp_path / "cut" / "model.safetensors")),
                         load_file(str(tmp_path / "whole" / "model.safetensors")))
     assert resumed.best_epoch == whole.best_epoch
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_second_training_into_a_folder_being_trained_is_refused(built_store, tmp_path, monkeypatch):
+    import headtrain.plots
+
+    run, others = tmp_path / "r", []
+    real = headtrain.plots.plot_curves
+
+    def plot_then_train_again(history, path):  # while the first training holds the folder
+        real(history, path)
+        if not others:
+            others.append(run_cli("train", "--from-cache", built_store, *OPTIONS, "--epochs", 1,
+                                  "--seed", 9, "--out", run))
+            others.append(run_cli("train", "--resume", run, "--no-progress"))
+
+    monkeypatch.setattr(headtrain.plots, "plot_curves", plot_then_train_again)
+    train(quick(run, built_store, epochs=2))
+    monkeypatch.undo()
+    for other in others:
+        one_error_line(other, str(run), "another process")
+    assert [r["epoch"] for r in log_of(run)] == [1, 2]  # the first training's, whole and alone
+    assert json.loads((run / "config.json").read_text())["config"]["seed"] == 3
+    assert not (run / ".ser-train.lock").exists()  # released when it ended
+    assert run_cli("train", "--resume", run, "--no-progress").exit_code == 0  # free again
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_resume_of_a_run_stopped_before_its_first_epoch_ended_trains_it_from_the_start(
+        built_store, tmp_path, monkeypatch):
+    import headtrain.loop
+
+    args = ["train", "--from-cache", built_store, *OPTIONS, "--epochs", 2]
+    assert run_cli(*args, "--out", tmp_path / "whole").exit_code == 0
+
+    def killed(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(headtrain.loop, "train_step", killed)
+    assert run_cli(*args, "--out", tmp_path / "cut").exit_code == 130
+    monkeypatch.undo()
+    assert (tmp_path / "cut" / "config.json").exists() and not (tmp_path / "cut" / "checkpoint").exists()
+    assert "--resume" in run_cli(*args, "--out", tmp_path / "cut").stderr  # what the refusal offers works:
+    result = run_cli("train", "--resume", tmp_path / "cut", "--no-progress")
+    assert result.exit_code == 0, result.stderr
+    assert [r["epoch"] for r in log_of(tmp_path / "cut")] == [1, 2]
+    assert same_tensors(load_file(str(tmp_path / "cut" / "model.safetensors")),
+                        load_file(str(tmp_path / "whole" / "model.safetensors")))
