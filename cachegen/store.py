@@ -208,7 +208,8 @@ META_FIELDS = {"format": str, "format_version": int, "model_id": str, "model_sha
                "dtype": str, "frame_rate": (int, float), "sample_rate": int, "chunk_frames": int,
                "shard_frames": int}
 # Fields checked when present (hand-written stores may leave them out).
-OPTIONAL_META_FIELDS = {"do_stable_layer_norm": bool}
+OPTIONAL_META_FIELDS = {"do_stable_layer_norm": bool, "complete": bool, "failures": list, "versions": dict,
+                        "created": str, "updated": str, "model_config_sha256": str, "compression": str}
 # What a store folder holds at its top level (besides build locks and temp files of atomic
 # writes): `--overwrite` deletes nothing else.
 STORE_ENTRIES = {"zarr.json", "states", "index.parquet", "manifest.parquet", "_building"}
@@ -233,6 +234,10 @@ def check_meta(location: str, meta) -> dict:
         if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
             raise StoreCorrupt(f"{where}: field '{name}' is {json.dumps(value)[:60]}, expected "
                                f"{' or '.join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))}")
+    if not all(isinstance(f, dict) and isinstance(f.get("id"), str) and isinstance(f.get("error"), str)
+               for f in meta.get("failures") or []):
+        raise StoreCorrupt(f"{where}: field 'failures' is {json.dumps(meta['failures'])[:60]}, "
+                           "expected a list of {\"id\": ..., \"error\": ...}")
     if meta["dtype"] not in STORAGE_DTYPES:
         raise StoreCorrupt(f"{where}: field 'dtype' is {meta['dtype']!r}, expected one of "
                            f"{', '.join(STORAGE_DTYPES)}")

@@ -71,6 +71,9 @@ def set_meta(store, tmp_path, name, change):
     ("chunk_frames", lambda m: m.update(chunk_frames=0), "field 'chunk_frames' is 0"),
     ("do_stable_layer_norm", lambda m: m.update(do_stable_layer_norm=0),
      "field 'do_stable_layer_norm' is 0, expected bool"),
+    ("failures", lambda m: m.update(failures=3), "field 'failures' is 3, expected list"),
+    ("failures", lambda m: m.update(failures=[{"id": 1}]), "field 'failures' is [{\"id\": 1}]"),
+    ("versions", lambda m: m.update(versions=[]), "field 'versions' is [], expected dict"),
 ])
 def test_store_metadata_with_missing_or_wrong_fields(field, change, expected, built_store, corpus,
                                                      tiny_model, tmp_path):
