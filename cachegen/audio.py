@@ -22,7 +22,8 @@ def load_audio(path: str, *, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray
     """Decode `path`, mix down to mono and resample to `sample_rate`.
 
     Returns:
-        (samples as float32 in [-1, 1], the file's own sample rate, sha256 of the file bytes)
+        (float32 samples as libsndfile decodes them: integer PCM in [-1, 1), float files as
+        stored; the file's own sample rate; sha256 of the file bytes)
 
     Raises:
         AudioError: the file is empty, cannot be decoded, or holds NaN/Inf samples.
@@ -48,7 +49,7 @@ def load_audio(path: str, *, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray
     else:
         try:
             with sf.SoundFile(io.BytesIO(data)) as f:
-                samples = f.read(dtype="float32", always_2d=True)
+                samples = read_all(f)
                 source_rate = f.samplerate
         except Exception as err:  # libsndfile raises several types for corrupt input
             reason = re.sub(r"^Error opening .*?: ", "", str(err).strip().splitlines()[0])
@@ -61,6 +62,23 @@ def load_audio(path: str, *, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray
     if source_rate != sample_rate:
         mono = soxr.resample(mono, source_rate, sample_rate, quality="HQ").astype(np.float32, copy=False)
     return np.ascontiguousarray(mono, dtype=np.float32), int(source_rate), digest
+
+
+# frames per read of a file libsndfile cannot seek in
+BLOCK_FRAMES = 1 << 16
+
+
+def read_all(f) -> np.ndarray:
+    """Every frame of an open soundfile.SoundFile as float32 (frames, channels). libsndfile
+    cannot seek in some codecs (GSM 6.10 in WAV), and soundfile then needs a frame count:
+    such a file is read block by block until it ends, whatever its header says."""
+    if f.seekable():
+        return f.read(dtype="float32", always_2d=True)
+    blocks = []
+    while True:
+        blocks.append(f.read(BLOCK_FRAMES, dtype="float32", always_2d=True))
+        if blocks[-1].shape[0] < BLOCK_FRAMES:
+            return np.concatenate(blocks)
 
 
 def audio_seconds(path: str) -> float:

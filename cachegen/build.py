@@ -272,9 +272,11 @@ def decode(utterance: Utterance, feature_extractor, min_samples: int, max_second
         if samples.shape[0] < min_samples:
             raise AudioError(f"{utterance.path}: {samples.shape[0]} samples at 16 kHz, shorter than "
                              f"the model's receptive field ({min_samples} samples)")
-        normalised = normalise(feature_extractor, samples)
+        with np.errstate(over="ignore", invalid="ignore"):  # named below, not warned about
+            normalised = normalise(feature_extractor, samples)
         if not np.isfinite(normalised).all():
-            raise AudioError(f"{utterance.path}: normalisation produced NaN/Inf")
+            raise AudioError(f"{utterance.path}: samples too large to normalise in float32 (up to "
+                             f"{float(np.abs(samples).max()):.3g})")
         return normalised.astype(np.float32, copy=False), {"source_rate": source_rate, "audio_sha256": digest,
                                                "seconds": samples.shape[0] / SAMPLE_RATE,
                                                "audio_bytes": stat.st_size,
@@ -506,6 +508,7 @@ def _build(config: BuildConfig, manifest, loaded: LoadedModel, meta: dict, *, ra
                 good.append((utterance, samples, info))
             if good:
                 states, stats, good = run_lower(lower, good, summary, writer, pooled=bool(pooled))
+                states, stats, good = finite_only(states, stats, good, summary, writer, config)
                 stage.put([(utterance, info) for utterance, _, info in good], states, stats)
             if state is not None and shown and time.perf_counter() - polled > 1:
                 # one bar for all processes: their commits, counted from record names
@@ -638,6 +641,30 @@ def run_lower(lower, good: list, summary: BuildSummary, writer: StoreWriter, *, 
                 summary.failed.append({"id": utterance.id, "path": utterance.path, "error": message})
                 log.warning("skipped %s: %s", utterance.id, message)
     return states, stats, kept
+
+
+def finite_only(states: list, stats: list, good: list, summary: BuildSummary, writer: StoreWriter,
+                config: BuildConfig):
+    """`run_lower`'s (states, statistics, items), less the utterances whose states or pooled
+    statistics hold NaN or Inf: each is skipped and recorded, never cached (its checksum would
+    match, and training would read NaN)."""
+    import torch
+
+    kept = ([], [], [])
+    for hidden, stat, item in zip(states, stats, good):
+        if bool(torch.isfinite(hidden).all()) and (stat is None or np.isfinite(stat).all()):
+            for part, value in zip(kept, (hidden, stat, item)):
+                part.append(value)
+            continue
+        utterance, samples, _ = item
+        if utterance.id not in writer.committed:
+            message = (f"{utterance.path}: the model's layer-{config.layers} states of this audio hold "
+                       f"NaN or Inf in {hidden.dtype}".replace("torch.", "") +
+                       f" (its normalised samples reach {float(np.abs(samples).max()):.3g}); "
+                       "check the audio's level, and use --dtype float32 if 16 bits overflowed")
+            summary.failed.append({"id": utterance.id, "path": utterance.path, "error": message})
+            log.warning("skipped %s: %s", utterance.id, message)
+    return kept
 
 
 def _finalize(writer: StoreWriter, manifest, summary: BuildSummary, config: BuildConfig, *,

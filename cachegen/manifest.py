@@ -55,8 +55,7 @@ def read_table(path: str | Path) -> tuple[pa.Table, int]:
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
             _refuse_duplicate_columns(path, pq.read_schema(path).names)
-            table = pq.read_table(path)
-            return table.cast(pa.schema([(f.name, pa.string()) for f in table.schema])), 0
+            return _as_text(path, pq.read_table(path)), 0
         with open(path, newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), [])
         _refuse_duplicate_columns(path, header)
@@ -64,8 +63,25 @@ def read_table(path: str | Path) -> tuple[pa.Table, int]:
         table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
             column_types=types, strings_can_be_null=True, null_values=[""]))
         return table, 2
-    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as err:
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as err:
         raise ManifestError(f"{path}: cannot read table: {str(err).splitlines()[0]}") from None
+
+
+def _as_text(path: Path, table: pa.Table) -> pa.Table:
+    """Every column of a Parquet table as text; a column that has no text form (a list, a
+    struct) is named."""
+    columns = []
+    for field in table.schema:
+        try:
+            columns.append(table.column(field.name).cast(pa.string()))
+        except pa.ArrowNotImplementedError:
+            raise ManifestError(f"{path}: column '{field.name}' holds {field.type}, which a manifest "
+                                "cannot use (ids, paths and labels are text or numbers); drop "
+                                "that column") from None
+        except pa.ArrowInvalid as err:  # bytes that are not UTF-8
+            raise ManifestError(f"{path}: column '{field.name}' cannot be read as text "
+                                f"({str(err).splitlines()[0]})") from None
+    return pa.table(columns, names=table.column_names)
 
 
 def _refuse_duplicate_columns(path: Path, names: list[str]) -> None:
@@ -168,10 +184,11 @@ def load_manifest(path: str | Path, *, audio_root: str | Path | None = None,
             continue
         full = os.path.normpath(root / os.path.expanduser(rel.strip()))
         if check_files and not os.path.isfile(full):
-            absent.append(i)
+            absent.append((i, full))
         utterances.append(Utterance(id=uid, path=full, row=i + offset))
     if absent:
-        names = ", ".join(f"row {i + offset}: {paths[i]}" for i in absent[:MAX_LISTED])
+        names = ", ".join(f"row {i + offset}: {paths[i]}" + (" is a folder" if os.path.isdir(full) else "")
+                          for i, full in absent[:MAX_LISTED])
         more = f" and {len(absent) - MAX_LISTED} more" if len(absent) > MAX_LISTED else ""
         problems.append(f"{len(absent)} audio file(s) not found under {root} ({names}{more}); "
                         "use --audio-root if paths are relative to another folder")
