@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -147,6 +150,12 @@ def evaluate(config: EvaluateConfig, *, source=None) -> dict:
     split = load_splits(table, source=inputs.table_name, targets=run.targets, splits=[config.split],
                         available=inputs.available,
                         classes={t.name: t.classes for t in categorical})[config.split]
+    for i, target in enumerate(run.target_specs):
+        values = split.targets[:, i]
+        if not target.categorical and values.min() == values.max():
+            log.warning("'%s' is %g for every one of the %d utterance(s) of the '%s' split: its CCC and Pearson are "
+                        "0 whatever the predictions (they measure agreement with variation)",
+                        target.name, values[0], len(values), config.split)
     device = resolve_device(config.device)
     model = run.model.to(device)
     pred = run.to_label_scale(predict_split(model, source, split.ids, batch_size=config.batch_size,

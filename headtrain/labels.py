@@ -26,11 +26,18 @@ def _listed(items: list[str]) -> str:
     return shown + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
 
 
+def _spaced(name: str) -> str:
+    """`name`, quoted where spaces around it would otherwise be invisible in a message."""
+    return repr(name) if name != name.strip() else name
+
+
 def read_labels(path: str) -> pa.Table:
     """A labels table (CSV/Parquet: id, targets, optional split) with numeric columns parsed."""
     from cachegen.manifest import parse_labels, read_table
 
     table, offset = read_table(path)
+    if table.num_rows == 0:
+        raise ManifestError(f"{path}: has a header but no rows; nothing to train or evaluate on")
     if "id" not in table.column_names:
         raise ManifestError(f"{path}: labels table needs an 'id' column (found: "
                             f"{', '.join(table.column_names)})")
@@ -62,10 +69,14 @@ def load_splits(table: pa.Table, *, source: str, targets: list[str], splits: lis
         raise ManifestError(f"{source}: no label column(s) {', '.join(unknown)}; numeric columns: "
                             f"{', '.join(numeric) or 'none'}; text (categorical) columns: "
                             f"{', '.join(text) or 'none'}")
+    empty = [t for t in targets if table.num_rows and table.column(t).null_count == table.num_rows]
+    if empty:
+        raise ManifestError(f"{source}: label column(s) {', '.join(empty)} are blank in every row")
     not_numeric = [t for t in targets if t not in classes
                    and not pa.types.is_floating(table.schema.field(t).type)]
     if not_numeric:
-        raise ManifestError(f"{source}: label column(s) {', '.join(not_numeric)} hold text, not numbers")
+        raise ManifestError(f"{source}: label column(s) {', '.join(not_numeric)} hold text, not numbers"
+                            + _decimal_comma_hint(table, not_numeric))
     numeric_classes = [t for t in classes if not pa.types.is_string(table.schema.field(t).type)]
     if numeric_classes:
         raise ManifestError(f"{source}: categorical target(s) {', '.join(numeric_classes)} hold "
@@ -74,19 +85,23 @@ def load_splits(table: pa.Table, *, source: str, targets: list[str], splits: lis
         raise ManifestError(f"{source}: no 'split' column; add one (train/dev/test) or pass --labels "
                             "with a split column")
     rows = table.select(["id", "split", *targets]).to_pylist()
-    found = sorted({r["split"] for r in rows if r["split"] is not None})
+    found = sorted({_spaced(r["split"]) for r in rows if r["split"] is not None})
     problems = []
     for name in splits:
         if not any(r["split"] == name for r in rows):
             problems.append(f"split '{name}' has no rows (splits found: {', '.join(found) or 'none'})")
     used = [r for r in rows if r["split"] in splits]
-    seen, duplicates = set(), []
-    for r in used:
-        if r["id"] in seen:
-            duplicates.append(r["id"])
-        seen.add(r["id"])
+    # an id on two rows of any splits is ambiguous, and a training utterance in a test split
+    # would make the test score a training score
+    where: dict[str, list[str]] = {}
+    for r in rows:
+        where.setdefault(r["id"], []).append(r["split"] or "no split")
+    duplicates = [f"{_spaced(uid)} ({', '.join(names)})" for uid, names in where.items()
+                  if len(names) > 1 and uid is not None]
     if duplicates:
         problems.append(f"duplicate id(s) {_listed(duplicates)}")
+    if None in where:
+        problems.append(f"{len(where[None])} row(s) with a blank id")
     for target in targets:
         if target in classes:
             blank = [r["id"] for r in used if r[target] is None or not r[target].strip()]
@@ -116,7 +131,7 @@ def load_splits(table: pa.Table, *, source: str, targets: list[str], splits: lis
                 problems.append(f"'{target}' outside [{low:g}, {high:g}] for {len(outside)} row(s): "
                                 f"{_listed(outside)}")
     if available is not None:
-        absent = [r["id"] for r in used if r["id"] not in available]
+        absent = [_spaced(r["id"]) for r in used if r["id"] is not None and r["id"] not in available]
         if absent:
             problems.append(f"{len(absent)} id(s) not in the store: {_listed(absent)} (the build "
                             "skipped or never saw them: rebuild, or drop these rows)")
@@ -143,9 +158,25 @@ def drop_unusable(table: pa.Table, source) -> pa.Table:
 
 
 def categorical_columns(table: pa.Table, targets: list[str]) -> list[str]:
-    """The targets that are text columns: categorical (e.g. `emotion`)."""
+    """The targets that are text columns of words: categorical (e.g. `emotion`). A column of
+    blanks, or of numbers written with a decimal comma, is not (load_splits names it)."""
     return [t for t in targets if t in table.column_names
-            and pa.types.is_string(table.schema.field(t).type)]
+            and pa.types.is_string(table.schema.field(t).type)
+            and table.column(t).null_count < table.num_rows and not _decimal_comma_hint(table, [t])]
+
+
+def _decimal_comma_hint(table: pa.Table, columns: list[str]) -> str:
+    """' (...)' naming the first of `columns` whose every value is a number written with a
+    decimal comma (3,265), which is text to a CSV reader; '' when there is none."""
+    import re
+
+    number = re.compile(r"\s*[-+]?\d*,\d+\s*")
+    for name in columns:
+        values = [v for v in table.column(name).to_pylist() if v is not None and v.strip()]
+        if values and all(number.fullmatch(v) for v in values):
+            return (f" (column '{name}' writes numbers with a decimal comma, e.g. '{values[0].strip()}';"
+                    " write them with a decimal point)")
+    return ""
 
 
 def split_classes(table: pa.Table, target: str, split: str) -> tuple[str, ...]:

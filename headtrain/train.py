@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cachegen.errors import ConfigError
+from cachegen.errors import ConfigError, ManifestError
 
 from .data import Batching
 from .labels import Split
@@ -253,6 +253,15 @@ def load_targets(config: TrainConfig, table, table_name: str, available: set[str
     splits = load_splits(table, source=table_name, targets=list(config.targets),
                          splits=[config.train_split, config.dev_split], available=available,
                          label_range=config.label_range, classes=classes)
+    for i, name in enumerate(config.targets):
+        for split in (config.train_split, config.dev_split):
+            values = splits[split].targets[:, i]
+            if name not in classes and values.min() == values.max():
+                why = ("there is nothing to learn" if split == config.train_split else
+                       "its CCC is 0 whatever the model predicts, so no epoch can be chosen by it")
+                raise ManifestError(f"{table_name}: '{name}' is {values[0]:g} for every one of the "
+                                    f"{len(values)} utterance(s) of the '{split}' split: {why}; the split needs "
+                                    "utterances with other values")
     targets = make_targets(config.targets, classes, splits[config.train_split].targets)
     return targets, splits, class_map
 
