@@ -7,8 +7,11 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .errors import SerError, StoreCorrupt, StoreError
 from .reader import CacheReader, open_cache
+from .store import from_storage
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +165,12 @@ def verify_reader(reader: CacheReader) -> VerifyReport:
         if uid in unreadable:  # its row is impossible: reading it would mean nothing
             continue
         try:
-            reader.read_raw(uid)
+            finite = np.isfinite(from_storage(reader.read_raw(uid), reader.dtype)).all()
             if reader.pooled_layers:
-                reader.pooled(uid)
+                finite = finite and np.isfinite(reader.pooled(uid)).all()
+            if not finite:  # its checksum matches: written so, by a build that did not check
+                report.problems.append(f"'{uid}' holds NaN or Inf values")
+                report.damaged.append(uid)
         except StoreCorrupt as err:
             report.problems.append(str(err).replace(f"{reader.location}: ", "", 1))
             report.damaged.append(uid)

@@ -109,3 +109,29 @@ def test_a_folder_named_like_audio_is_named_as_a_folder(tiny_model, tmp_path):
     (tmp_path / "m.csv").write_text("id,path\nx,x.wav\n")
     result = run_cli("cache", "build", tmp_path / "m.csv", "--model", tiny_model, "--out", tmp_path / "s.zarr")
     one_error_line(result, "row 2: x.wav is a folder")
+
+
+def test_verify_names_states_that_are_not_finite(tiny_model, tmp_path, monkeypatch):
+    """A store whose NaN states match their checksums (written by a build that did not check
+    them): verify names the utterance, --repair forgets it, and the same build then skips and
+    names it instead of caching it again."""
+    import cachegen.build as build
+
+    sf.write(tmp_path / "ok.wav", tone(16000), 16000)
+    sf.write(tmp_path / "huge.wav", tone(16000) * 3e38, 16000, subtype="FLOAT")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,path\nok,ok.wav\nhuge,huge.wav\n")
+    model = without_normalisation(tiny_model, tmp_path)
+    args = ["cache", "build", manifest, "--model", model, "--layers", 2, "--out", tmp_path / "s.zarr",
+            "--no-progress"]
+    with monkeypatch.context() as patch:
+        patch.setattr(build, "finite_only", lambda states, stats, good, *rest: (states, stats, good))
+        assert run_cli(*args).exit_code == 0
+    assert not np.isfinite(open_cache(tmp_path / "s.zarr")["huge"]).all()
+    verify = run_cli("cache", "verify", tmp_path / "s.zarr")
+    assert verify.exit_code == 1 and "'huge' holds NaN or Inf values" in verify.stderr
+    assert run_cli("cache", "verify", tmp_path / "s.zarr", "--repair").exit_code == 0
+    assert open_cache(tmp_path / "s.zarr").ids == ["ok"]
+    rebuilt = run_cli(*args)
+    assert rebuilt.exit_code == 1 and "skipped huge: " in rebuilt.stderr
+    assert run_cli("cache", "verify", tmp_path / "s.zarr").exit_code == 0
