@@ -55,6 +55,8 @@ class BenchConfig:
         if pooled:
             raise ConfigError(f"--strategies {pooled[0]}: trains on pooled means and runs no layer of "
                               "the model; bench compares strategies that run layers")
+        if self.top_layers < 1:
+            raise ConfigError(f"--top-layers {self.top_layers}: must be at least 1")
         if self.steps < 1 or self.warmup_steps < 0 or self.batch_size < 1:
             raise ConfigError("--steps and --batch-size must be at least 1, --warmup-steps at least 0")
         if self.amp not in ("bf16", "fp16", "no"):
@@ -232,6 +234,14 @@ def bench(config: BenchConfig) -> dict:
     config.validate()
     manifest = load_manifest(config.manifest)
     loaded = load_model(config.model)
+    if config.layers > loaded.num_layers:
+        raise ConfigError(f"--layers {config.layers}: model '{config.model}' has {loaded.num_layers} "
+                          "transformer layers")
+    if config.store:  # its states are the input of layer L+1: L must be the store's
+        stored = open_cache(config.store).meta["layers"]
+        if stored != config.layers:
+            raise ConfigError(f"--store {config.store} holds the states of layer {stored}, --layers "
+                              f"says {config.layers}: pass --layers {stored}")
     if config.top_layers > loaded.num_layers - config.layers:
         raise ConfigError(f"--top-layers {config.top_layers} is larger than the "
                           f"{loaded.num_layers - config.layers} layers above layer {config.layers}")

@@ -130,3 +130,18 @@ def test_bench_steps_clip_and_schedule_like_ser_train(caller, tiny_model, corpus
     norms = [norm for _, norm in steps]
     assert max(norms) <= defaults.clip * (1 + 1e-4)
     assert any(abs(norm - defaults.clip) < 1e-4 for norm in norms), norms  # clipping acted
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("args,message", [
+    # the store's layer-2 states fed as layer 1's: one of the 3 asked layers trained, unsaid
+    (["--store", "STORE", "--layers", 1, "--top-layers", 3], "holds the states of layer 2, --layers says 1"),
+    (["--layers", 9], "--layers 9: model"),  # was: "larger than the -5 layers above layer 9"
+    (["--top-layers", 0], "--top-layers 0: must be at least 1"),  # benched the head alone
+])
+def test_bench_refuses_layers_it_would_not_measure(args, message, tiny_model, corpus, built_store):
+    from helpers import one_error_line
+
+    args = [built_store if a == "STORE" else a for a in args]
+    one_error_line(run_cli("bench", "--manifest", corpus, "--model", tiny_model, "--strategies", "cached",
+                           "--steps", 1, "--warmup-steps", 0, *args), message)
