@@ -273,3 +273,21 @@ def test_utterances_the_build_skipped_are_left_out_of_training(tiny_model, corpu
     assert "leaving out 1 utterance(s) the cache build could not use: broken" in result.stderr
     info = json.load(open(tmp_path / "r" / "config.json"))
     assert info["train_utterances"] == sum(1 for r in rows if ",train," in r)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cached_equals_partial_for_stable_layer_norm_with_dropout_and_a_frozen_layer_between(
+        stable_model, corpus, tmp_path):
+    """The large models' variant (final layer norm, trained with the top layers), dropout on
+    (0.1 in the trained layers and the head: both paths draw the same masks, as frozen layers
+    never drop out) and a frozen layer between the store (L = 1) and the K = 2 trained ones."""
+    from cachegen.build import BuildConfig, build_cache
+
+    store = tmp_path / "l1.zarr"
+    build_cache(BuildConfig(manifest=corpus, out=str(store), model=stable_model, layers=1, dtype="float32",
+                            batch_size=4, progress=False))
+    options = dict(top_layers=2, dropout=0.1, epochs=2)
+    train(quick(out=str(tmp_path / "cached"), from_cache=str(store), **options))
+    train(quick(out=str(tmp_path / "partial"), manifest=corpus, model=stable_model, strategy="partial", **options))
+    assert_same_training(tmp_path / "cached", tmp_path / "partial", stable_model, top_layers={"2", "3"})
+    assert "encoder.layer_norm.weight" in load_file(str(tmp_path / "cached" / "model.safetensors"))
