@@ -4,6 +4,7 @@ from it. Nothing in a run directory is pickled."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from cachegen.errors import ConfigError, OutputError, StoreMismatch, UnsafeInput
 from cachegen.store import write_atomic
 
 from .spec import STRATEGIES
+
+log = logging.getLogger(__name__)
 
 RUN_FORMAT = "ser-run"
 RUN_FORMAT_VERSION = 1
@@ -353,6 +356,9 @@ def load_run(run_dir: str | Path, *, from_audio: bool, cache_layer: int | None =
         raise UnsafeInput(f"{weights}: only safetensors are loaded")
     if not weights.is_file():
         raise ConfigError(f"{run_dir}: {weights.name} is missing (training never finished an epoch?)")
+    if not exported and not (run_dir / "metrics.json").is_file():  # written last by a finished training
+        log.warning("%s has not finished training (no metrics.json): using its best epoch so far, "
+                    "which may still change", run_dir)
     if exported and not from_audio:
         raise ConfigError(f"{run_dir}: an export holds the whole network, trained layers merged; "
                           "evaluate it from audio (--manifest) instead of --from-cache")

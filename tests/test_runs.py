@@ -115,6 +115,25 @@ def test_export_evaluate_and_predict_refuse_a_run_directorys_own_files(finished_
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
 
 
+def test_evaluate_predict_and_export_warn_about_an_unfinished_run(finished_run, built_store, corpus,
+                                                                  tmp_path):
+    """A run without metrics.json (still training, or stopped) is used at its best epoch so
+    far, with a warning naming it; a finished run gives none."""
+    run = tmp_path / "r"
+    shutil.copytree(finished_run, run)
+    audio = corpus.replace("manifest.csv", "wav/utt0001.wav")
+    commands = (["evaluate", run, "--from-cache", built_store, "--split", "dev", "--out", tmp_path / "e"],
+                ["predict", run, audio, "--out", tmp_path / "p.csv"], ["export", run, "--out", tmp_path / "x"])
+    for args in commands:
+        result = run_cli(*args)
+        assert result.exit_code == 0 and "has not finished training" not in result.stderr, result.stderr
+    (run / "metrics.json").unlink()
+    for args in commands:
+        result = run_cli(*args[:-1], tmp_path / "again" / args[-1].name)
+        assert result.exit_code == 0, result.stderr
+        assert f"{run} has not finished training (no metrics.json)" in result.stderr, result.stderr
+
+
 def test_export_refuses_a_folder_holding_another_model(finished_run, tmp_path):
     folder = tmp_path / "bert"
     folder.mkdir()
