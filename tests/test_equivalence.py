@@ -41,7 +41,7 @@ def test_low_precision_stores_differ_only_by_rounding(dtype, tolerance, tiny_mod
         assert got.dtype == (np.float16 if dtype == "float16" else np.float32)
         # the stored value is the reference rounded to the storage dtype (within one ulp:
         # float32 rounding of the reference itself may tip a value to the neighbour)
-        rounded = torch.from_numpy(reference).to(torch_dtype).float().numpy()
+        rounded = torch.tensor(reference).to(torch_dtype).float().numpy()
         assert np.abs(got.astype(np.float32) - rounded).max() <= tolerance * np.abs(reference).max()
         assert max_relative_error(got.astype(np.float32), reference) < tolerance
 
