@@ -82,14 +82,16 @@ class BuildConfig:
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ConfigError(f"--max-seconds {self.max_seconds}: must be more than 0 (0 on the "
                               "command line means no limit)")
+        if self.shard_frames is not None and self.shard_frames < 1:
+            raise ConfigError(f"--shard-frames {self.shard_frames}: must be at least 1 (leave it out "
+                              "for the default, about 16 MiB per shard file)")
         if self.resolved_chunk_frames < 1 or (self.shard_frames is not None and (
                 self.shard_frames % self.resolved_chunk_frames)):
             raise ConfigError(f"--shard-frames {self.shard_frames}: must be a multiple of "
                               f"chunk frames ({self.resolved_chunk_frames})")
-        if self.device and self.device.startswith("cuda"):
-            import torch
-            if not torch.cuda.is_available():
-                raise ConfigError(f"--device {self.device}: CUDA is not available on this machine")
+        if self.device:
+            from .device import resolve_device
+            resolve_device(self.device)
 
 
 @dataclass

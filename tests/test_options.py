@@ -54,3 +54,17 @@ def test_infinite_and_overflowing_labels_are_refused_naming_the_rows(built_store
     assert "'activation' is infinite or beyond ±1e+15 for 3 row(s): utt0000=inf, utt0001=-inf, " \
            "utt0002=3e+300" in result.stderr, result.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "foo"], "--device 'foo': not a device; use cpu, cuda or cuda:N"),
+    (["--device", "meta"], "--device 'meta': ser runs on cpu, cuda or mps"),
+    (["--shard-frames", "0"], "--shard-frames 0: must be at least 1"),
+    (["--shard-frames", "-32"], "--shard-frames -32: must be at least 1"),
+])
+def test_bad_build_options_are_refused_before_any_work(args, message, tiny_model, corpus, tmp_path):
+    result = run_cli("cache", "build", corpus, "--model", tiny_model, "--layers", 1, "--out", tmp_path / "s",
+                     *args)
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "s").exists()
