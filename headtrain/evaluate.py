@@ -108,7 +108,7 @@ class EvaluateConfig:
 
     def validate(self) -> None:
         from cachegen.errors import ConfigError
-        from .device import resolve_device
+        from cachegen.device import resolve_device
         if bool(self.from_cache) == bool(self.manifest):
             raise ConfigError("pass exactly one of --from-cache STORE or --manifest MANIFEST")
         if self.batch_size < 1:
@@ -124,7 +124,7 @@ def evaluate(config: EvaluateConfig, *, source=None) -> dict:
     {"uar", "macro_f1", "accuracy", "classes", "confusion"}. `source`: the store opened
     already, as a CacheSource (a sweep shares one).
     """
-    from .device import resolve_device
+    from cachegen.device import resolve_device
     from .inputs import Inputs
     from .labels import apply_classes, load_splits
     from .metrics import target_metrics

@@ -16,7 +16,7 @@ import torch
 
 from cachegen.errors import ConfigError
 
-from .device import resolve_device
+from cachegen.device import resolve_device
 
 log = logging.getLogger(__name__)
 DECODE_AHEAD = 8  # batches decoded ahead of the model: bounds memory whatever the file count

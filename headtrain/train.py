@@ -159,7 +159,7 @@ class TrainConfig:
 
     @property
     def resolved_device(self) -> str:
-        from .device import resolve_device
+        from cachegen.device import resolve_device
 
         return resolve_device(self.device)
 
