@@ -80,14 +80,24 @@ def plan_batches(lengths: list[int], *, batch_size: int, seed: int, epoch: int,
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(order)
     if Batching(batching) is Batching.RANDOM:
-        return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+        return _training_batches(order, batch_size)
     bucket = batch_size * BUCKET_BATCHES
     batches = []
     for start in range(0, len(order), bucket):
         chunk = order[start:start + bucket]
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches += [chunk[i:i + batch_size].tolist() for i in range(0, len(chunk), batch_size)]
+        batches += _training_batches(chunk, batch_size)
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _training_batches(order: np.ndarray, batch_size: int) -> list[list[int]]:
+    """`order` cut into batches; a last batch of one joins the one before it (a CCC loss over
+    one utterance has no gradient, yet the optimizer would still step)."""
+    batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        last = batches.pop()
+        batches[-1] += last
+    return batches
 
 
 def crop_start(seed: int, epoch: int, index: int, frames: int, max_frames: int) -> int:

@@ -117,3 +117,18 @@ def test_select_must_name_a_target(built_store, tmp_path):
     assert result.exit_code == 1
     assert "--select 'dominance': choose 'mean' or one of the targets (activation, valence)" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("batching", ["random", "length"])
+@pytest.mark.parametrize("count", [1, 2, 9, 17, 33, 35, 64, 65])
+def test_training_plan_takes_every_utterance_once_and_never_a_batch_of_one(batching, count):
+    """A CCC loss over a batch of one has no gradient while the optimizer still steps: a last
+    batch of one joins the one before it, in each bucket of length batching too."""
+    from headtrain.data import plan_batches
+
+    lengths = list(np.random.default_rng(count).integers(50, 500, count))
+    for epoch in range(3):
+        plan = plan_batches(lengths, batch_size=8, seed=1, epoch=epoch, batching=batching)
+        assert sorted(i for batch in plan for i in batch) == list(range(count))
+        assert all(len(batch) > 1 for batch in plan) or count == 1
+        assert max(len(batch) for batch in plan) <= 9
