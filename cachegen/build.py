@@ -660,9 +660,10 @@ def finite_only(states: list, stats: list, good: list, summary: BuildSummary, wr
             continue
         utterance, samples, _ = item
         if utterance.id not in writer.committed:
+            dtype = str(hidden.dtype).removeprefix("torch.")
             message = (f"{utterance.path}: the model's layer-{config.layers} states of this audio hold "
-                       f"NaN or Inf in {hidden.dtype}".replace("torch.", "") +
-                       f" (its normalised samples reach {float(np.abs(samples).max()):.3g}); "
+                       f"NaN or Inf in {dtype} (its normalised samples reach "
+                       f"{float(np.abs(samples).max()):.3g}); "
                        "check the audio's level, and use --dtype float32 if 16 bits overflowed")
             summary.failed.append({"id": utterance.id, "path": utterance.path, "error": message})
             log.warning("skipped %s: %s", utterance.id, message)

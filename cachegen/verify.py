@@ -11,7 +11,6 @@ import numpy as np
 
 from .errors import SerError, StoreCorrupt, StoreError
 from .reader import CacheReader, open_cache
-from .store import from_storage
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +111,6 @@ def repair_store(location: str, report: VerifyReport) -> list[str]:
     from datetime import datetime, timezone
     from pathlib import Path
 
-    from .errors import StoreError
     from .lock import BuildLock
     from .store import StoreWriter, read_meta
 
@@ -165,7 +163,7 @@ def verify_reader(reader: CacheReader) -> VerifyReport:
         if uid in unreadable:  # its row is impossible: reading it would mean nothing
             continue
         try:
-            finite = np.isfinite(from_storage(reader.read_raw(uid), reader.dtype)).all()
+            finite = np.isfinite(reader[uid]).all()
             if reader.pooled_layers:
                 finite = finite and np.isfinite(reader.pooled(uid)).all()
             if not finite:  # its checksum matches: written so, by a build that did not check
@@ -189,14 +187,12 @@ def metadata_problems(reader: CacheReader) -> list[str]:
         key = f"{name}/zarr.json"
         try:
             own = json.loads(reader._read_small(key) or b"null")
-        except StoreCorrupt as err:
-            problems.append(f"{key} cannot be read ({err})")
-            continue
-        except StoreError as err:  # unreachable (a server gone, a local copy read offline)
-            log.warning("%s: %s not checked (%s)", reader.location, key, err)
-            continue
         except (ValueError, SerError) as err:
-            problems.append(f"{key} cannot be read ({err})")
+            if isinstance(err, StoreError) and not isinstance(err, StoreCorrupt):
+                # unreachable (a server gone, a local copy read offline): nothing known
+                log.warning("%s: %s not checked (%s)", reader.location, key, err)
+            else:
+                problems.append(f"{key} cannot be read ({err})")
             continue
         if own is None:
             problems.append(f"{key} is missing")
