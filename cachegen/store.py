@@ -14,6 +14,7 @@ Layout (docs/cache-format.md has the full description):
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -182,6 +183,18 @@ def current_umask() -> int:
     return mask
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file or a folder (its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # a filesystem without fsync
+            raise
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
@@ -191,6 +204,7 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; teammates must read a shared store
         os.replace(tmp, path)
+        fsync_path(path.parent)  # the rename itself survives a power cut
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -454,12 +468,27 @@ class StoreWriter:
                 rows[r["start"] // self.chunk_frames - shard * self.slots] = r["_pooled"]
                 r["pooled_crc32"] = checksum(r.pop("_pooled"), self.checksum)
             self.pooled[shard * self.slots:(shard + 1) * self.slots] = rows
+        self._sync_shards(first, end)
         table = pa.Table.from_pylist(records, schema=index_schema(self.meta))
         # the record count in the name lets a progress bar count commits without reading them
         name = f"shard-{first // self.shard_frames:012d}-n{len(records)}.parquet"
         write_atomic(self.path / "_building" / name, parquet_bytes(table))
         for r in records:
             self.committed[r["id"]] = r
+
+    def _sync_shards(self, first: int, end: int) -> None:
+        """Flush the shard files of rows [first, end) and their folders to disk before the commit
+        record names them: after a power cut or system crash a record never outlives its rows."""
+        arrays = [self.states] + ([self.pooled] if self.pooled is not None else [])
+        folders = set()
+        for shard in range(first // self.shard_frames, end // self.shard_frames):
+            for array in arrays:
+                path = self.path / array.basename / array.metadata.encode_chunk_key((shard, 0))
+                if path.is_file():  # a shard of fill values has no file
+                    fsync_path(path)
+                    folders.add(path.parent)
+        for folder in folders:
+            fsync_path(folder)
 
     def _write_shard(self, shard: int, rows: np.ndarray) -> None:
         """Write one shard file of an uncompressed store as zarr's sharding codec would, byte for
