@@ -46,13 +46,15 @@ class BuildLock:
         name: the lock file's name.
         shared: share the lock with other shared holders (`--part` jobs); refused while an
             exclusive holder has it, and the other way round.
+        doing: what the holder does to the folder, for the refusal ("built", "written").
 
     Raises:
         StoreError: another process holds the lock (its pid, host, command and start are named),
             or the folder cannot be written.
     """
 
-    def __init__(self, folder: str | Path, name: str = STORE_LOCK, *, shared: bool = False):
+    def __init__(self, folder: str | Path, name: str = STORE_LOCK, *, shared: bool = False,
+                 doing: str = "built"):
         self.path = Path(folder) / name
         self.shared = shared
         self.fd: int | None = None
@@ -72,8 +74,8 @@ class BuildLock:
                 holder = self.holder()
                 os.close(self.fd)
                 self.fd = None
-                raise StoreError(f"{self.path.parent} is being built by another process ({holder}); "
-                                 "wait for it to finish or stop it, then rerun (a killed build's "
+                raise StoreError(f"{self.path.parent} is being {doing} by another process ({holder}); "
+                                 "wait for it to finish or stop it, then rerun (a killed process's "
                                  "lock is released by itself)") from None
             except OSError as err:  # e.g. a network filesystem without lock support
                 log.warning("%s: cannot lock (%s); nothing stops two builds into one store",

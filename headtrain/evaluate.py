@@ -128,8 +128,7 @@ def evaluate(config: EvaluateConfig, *, source=None) -> dict:
     from .inputs import Inputs
     from .labels import apply_classes, load_splits
     from .metrics import target_metrics
-    from .plots import plot_confusion, plot_scatter
-    from .run import load_run, refuse_run_output, write_json, writing
+    from .run import load_run, output_lock, refuse_run_output
 
     config.validate()
     refuse_run_output(Path(config.out), option="--out")
@@ -162,21 +161,33 @@ def evaluate(config: EvaluateConfig, *, source=None) -> dict:
                                             device=device))
     metrics = target_metrics(pred, split.targets, run.target_specs)
     out = Path(config.out)
+    with output_lock(out):  # two evaluations into one folder would mix their files
+        write_evaluation(out, config.split, run, split, pred, metrics)
+    return metrics
+
+
+def write_evaluation(out: Path, split_name: str, run, split, pred: np.ndarray, metrics: dict) -> None:
+    from .plots import plot_confusion, plot_scatter
+    from .run import write_json, writing
+
+    # metrics.json first out, last in: a folder without it is an evaluation that did not finish,
+    # and nothing of an earlier evaluation here is left beside this one's files
     with writing(out):
-        out.mkdir(parents=True, exist_ok=True)
-    # metrics.json last: a folder without it is an evaluation that did not finish
-    write_predictions(out / "predictions.csv", {"id": split.ids, "split": [config.split] * len(split.ids)},
+        for old in [out / "metrics.json", out / "predictions.csv", out / "scatter.png",
+                    *out.glob("confusion_*.png")]:
+            old.unlink(missing_ok=True)
+    categorical = [t for t in run.target_specs if t.categorical]
+    write_predictions(out / "predictions.csv", {"id": split.ids, "split": [split_name] * len(split.ids)},
                       run.target_specs, pred, split.targets)
     dimensional = [i for i, t in enumerate(run.target_specs) if not t.categorical]
     if dimensional:
         with writing(out / "scatter.png"):
             plot_scatter(pred[:, dimensional], split.targets[:, dimensional],
                          [run.targets[i] for i in dimensional], metrics, str(out / "scatter.png"),
-                         split=config.split)
+                         split=split_name)
     for target in categorical:
         path = out / f"confusion_{target.name}.png"
         with writing(path):
-            plot_confusion(target.name, metrics[target.name], str(path), split=config.split)
+            plot_confusion(target.name, metrics[target.name], str(path), split=split_name)
     with writing(out / "metrics.json"):
         write_json(metrics, out / "metrics.json")
-    return metrics

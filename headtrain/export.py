@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 
 from cachegen.errors import ConfigError, OutputError
 
-from .run import (EXPORT_FORMAT, RUN_FORMAT_VERSION, load_run, read_run_info, refuse_run_output,
+from .run import (EXPORT_FORMAT, RUN_FORMAT_VERSION, load_run, output_lock, read_run_info, refuse_run_output,
                   save_tensors, write_json)
 from .upper import merge_lora
 
@@ -27,28 +27,30 @@ def export(run_dir: str, out: str, *, model: str | None = None) -> Path:
     """Write the whole trained network of `run_dir` to `out`; returns the output path."""
     out_dir = Path(out)
     refuse_run_output(out_dir, option="--out")
-    check_export_dir(out_dir)
+    check_export_dir(out_dir)  # before loading anything; again once the folder is ours
     run = load_run(run_dir, from_audio=True, model=model)
     emotion = run.model
     merge_lora(emotion.backbone)
     backbone = emotion.backbone
-    try:
-        # ser_head.json marks a whole export: removed first, written last
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "ser_head.json").unlink(missing_ok=True)
-        backbone.save_pretrained(out_dir)
-        run.feature_extractor.save_pretrained(out_dir)
-        save_tensors({n: t.detach() for n, t in emotion.head.state_dict().items()},
-                     out_dir / "head.safetensors")
-        write_head(out_dir, run, backbone)
-    except (OSError, SafetensorError) as err:  # safetensors' own writer raises its own type
-        for name in EXPORT_FILES:  # what this export began to write: never a cut model left behind
-            try:
-                (out_dir / name).unlink(missing_ok=True)
-            except OSError:
-                pass
-        raise OutputError(f"{out_dir}: cannot be written ({err.strerror or err}); free space or "
-                          "choose a writable place") from None
+    with output_lock(out_dir):  # two exports into one folder would mix their weights
+        check_export_dir(out_dir)
+        try:
+            # ser_head.json marks a whole export: removed first, written last
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "ser_head.json").unlink(missing_ok=True)
+            backbone.save_pretrained(out_dir)
+            run.feature_extractor.save_pretrained(out_dir)
+            save_tensors({n: t.detach() for n, t in emotion.head.state_dict().items()},
+                         out_dir / "head.safetensors")
+            write_head(out_dir, run, backbone)
+        except (OSError, SafetensorError) as err:  # safetensors' own writer raises its own type
+            for name in EXPORT_FILES:  # what this export began to write: never a cut model left behind
+                try:
+                    (out_dir / name).unlink(missing_ok=True)
+                except OSError:
+                    pass
+            raise OutputError(f"{out_dir}: cannot be written ({err.strerror or err}); free space or "
+                              "choose a writable place") from None
     return out_dir
 
 

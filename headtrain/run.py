@@ -118,14 +118,15 @@ def is_sha256(value) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
-RUN_LOCK = ".ser-train.lock"  # held while a `ser train` writes the folder (not a run file)
+OUTPUT_LOCK = ".ser-writing.lock"  # held while train, evaluate or export writes the folder
 
 
 @contextmanager
-def run_lock(run_dir: Path, *, hold: bool = True):
-    """Hold `run_dir` for one training: a second `ser train` into it (the same run resumed, or
-    another) is refused, naming the first, until this one ends; a killed holder's lock goes
-    with it (flock). A folder made here and left empty is removed again.
+def output_lock(run_dir: Path, *, hold: bool = True):
+    """Hold the output folder `run_dir` for one training, evaluation or export: a second
+    command writing into it (the same run resumed, or another) is refused, naming the first,
+    until this one ends; a killed holder's lock goes with it (flock). A folder made here and
+    left empty is removed again.
 
     Raises:
         StoreError: another process holds the folder.
@@ -139,9 +140,9 @@ def run_lock(run_dir: Path, *, hold: bool = True):
     created = not run_dir.exists()
     with writing(run_dir):  # a read-only or full disk is named like any other output
         run_dir.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o666))
+        os.close(os.open(run_dir / OUTPUT_LOCK, os.O_RDWR | os.O_CREAT, 0o666))
     try:
-        with BuildLock(run_dir, RUN_LOCK):
+        with BuildLock(run_dir, OUTPUT_LOCK, doing="written"):
             yield
     finally:
         if created:

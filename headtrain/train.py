@@ -285,7 +285,7 @@ def train(config: TrainConfig, *, source=None) -> TrainResult:
     """
     from accelerate import Accelerator
 
-    from .run import run_lock
+    from .run import output_lock
 
     config.validate()
     run_dir = Path(config.out)
@@ -293,7 +293,7 @@ def train(config: TrainConfig, *, source=None) -> TrainResult:
                               log_with=config.log_with, project_dir=str(run_dir) if config.log_with else None)
     # one training writes a folder at a time: a second one (or a resume of the same run) would
     # mix two trainings' epochs, weights and config.json
-    with run_lock(run_dir, hold=accelerator.is_main_process):
+    with output_lock(run_dir, hold=accelerator.is_main_process):
         return _train(config, run_dir, accelerator, source=source)
 
 

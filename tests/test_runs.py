@@ -134,6 +134,60 @@ def test_evaluate_predict_and_export_warn_about_an_unfinished_run(finished_run, 
         assert f"{run} has not finished training (no metrics.json)" in result.stderr, result.stderr
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_a_second_evaluation_or_export_into_a_folder_being_written_is_refused(finished_run, built_store,
+                                                                             tmp_path, monkeypatch):
+    import headtrain.evaluate
+    import headtrain.plots
+
+    out, others = tmp_path / "e", []
+    evaluate = ["evaluate", finished_run, "--from-cache", built_store, "--out", out]
+    real = headtrain.plots.plot_scatter
+
+    def plot_then_write_again(*args, **kwargs):  # while the first evaluation holds the folder
+        real(*args, **kwargs)
+        if not others:
+            others.append(run_cli(*evaluate, "--split", "test"))
+            others.append(run_cli("export", finished_run, "--out", out))
+
+    monkeypatch.setattr(headtrain.plots, "plot_scatter", plot_then_write_again)
+    assert run_cli(*evaluate, "--split", "dev").exit_code == 0
+    monkeypatch.undo()
+    for other in others:
+        one_error_line(other, str(out), "being written by another process")
+    rows = (out / "predictions.csv").read_text().splitlines()[1:]
+    assert rows and all(",dev," in row for row in rows)  # the first evaluation's, alone
+    assert not (out / "config.json").exists() and not (out / ".ser-writing.lock").exists()
+    assert run_cli(*evaluate, "--split", "test").exit_code == 0  # free again
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_evaluation_never_leaves_an_earlier_ones_files_beside_its_own(finished_run, built_store,
+                                                                        tmp_path, monkeypatch):
+    import errno
+
+    import headtrain.plots
+
+    out = tmp_path / "e"
+    evaluate = ["evaluate", finished_run, "--from-cache", built_store, "--out", out]
+    assert run_cli(*evaluate, "--split", "dev").exit_code == 0
+    (out / "confusion_emotion.png").write_bytes(b"an earlier evaluation's plot")
+    (out / "notes.txt").write_text("mine")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(headtrain.plots, "plot_scatter", full_disk)
+    failed = run_cli(*evaluate, "--split", "test")
+    one_error_line(failed, "scatter.png")
+    # no metrics.json: the folder no longer claims a finished evaluation of dev next to test's rows
+    assert not (out / "metrics.json").exists() and not (out / "confusion_emotion.png").exists()
+    assert all(",test," in row for row in (out / "predictions.csv").read_text().splitlines()[1:])
+    monkeypatch.undo()
+    assert run_cli(*evaluate, "--split", "test").exit_code == 0
+    assert json.loads((out / "metrics.json").read_text()) and (out / "notes.txt").read_text() == "mine"
+
+
 def test_export_refuses_a_folder_holding_another_model(finished_run, tmp_path):
     folder = tmp_path / "bert"
     folder.mkdir()
@@ -250,7 +304,7 @@ def test_a_second_training_into_a_folder_being_trained_is_refused(built_store, t
         one_error_line(other, str(run), "another process")
     assert [r["epoch"] for r in log_of(run)] == [1, 2]  # the first training's, whole and alone
     assert json.loads((run / "config.json").read_text())["config"]["seed"] == 3
-    assert not (run / ".ser-train.lock").exists()  # released when it ended
+    assert not (run / ".ser-writing.lock").exists()  # released when it ended
     assert run_cli("train", "--resume", run, "--no-progress").exit_code == 0  # free again
 
 
