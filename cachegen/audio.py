@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import struct
 
@@ -33,6 +34,9 @@ def load_audio(path: str, *, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray
 
     try:
         with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > HEADER_FIRST_BYTES:
+                check_header(path, f)
+                f.seek(0)
             data = f.read()
     except OSError as err:
         raise AudioError(f"{path}: cannot read: {err.strerror}") from None
@@ -52,8 +56,7 @@ def load_audio(path: str, *, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray
                 samples = read_all(f)
                 source_rate = f.samplerate
         except Exception as err:  # libsndfile raises several types for corrupt input
-            reason = re.sub(r"^Error opening .*?: ", "", str(err).strip().splitlines()[0])
-            raise AudioError(f"{path}: cannot decode: {reason}") from None
+            raise decode_error(path, err) from None
         if not np.isfinite(samples).all():
             raise AudioError(f"{path}: contains NaN or Inf samples")
     if samples.shape[0] == 0:
@@ -62,6 +65,26 @@ def load_audio(path: str, *, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray
     if source_rate != sample_rate:
         mono = soxr.resample(mono, source_rate, sample_rate, quality="HQ").astype(np.float32, copy=False)
     return np.ascontiguousarray(mono, dtype=np.float32), int(source_rate), digest
+
+
+# a file larger than this is read whole (for its hash and decoding) only once libsndfile reads
+# its header: a large file that is not audio (a video, an archive) is refused unread
+HEADER_FIRST_BYTES = 64 * 2**20
+
+
+def check_header(path: str, f) -> None:
+    import soundfile as sf
+
+    try:
+        sf.info(f)
+    except Exception as err:
+        raise decode_error(path, err) from None
+
+
+def decode_error(path: str, err: Exception) -> AudioError:
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    reason = re.sub(r"^Error opening .*?: ", "", lines[0])
+    return AudioError(f"{path}: cannot decode: {reason}")
 
 
 # frames per read of a file libsndfile cannot seek in

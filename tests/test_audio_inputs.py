@@ -3,6 +3,7 @@ and encoding the installed libsndfile decodes reads as libsndfile reads it; what
 cached right (states that are not finite, manifest columns with no text form) is one named
 line, never a traceback or a store holding NaN."""
 
+import hashlib
 import json
 import shutil
 
@@ -135,3 +136,30 @@ def test_verify_names_states_that_are_not_finite(tiny_model, tmp_path, monkeypat
     rebuilt = run_cli(*args)
     assert rebuilt.exit_code == 1 and "skipped huge: " in rebuilt.stderr
     assert run_cli("cache", "verify", tmp_path / "s.zarr").exit_code == 0
+
+
+def test_a_large_file_that_is_not_audio_is_refused_unread(tmp_path, monkeypatch):
+    """A manifest row pointing at a video or an archive must not make the build hold the whole
+    file in memory before saying it is not audio."""
+    import tracemalloc
+
+    import cachegen.audio as audio
+    from cachegen.errors import AudioError
+
+    monkeypatch.setattr(audio, "HEADER_FIRST_BYTES", 4096)
+    video = tmp_path / "talk.wav"  # named like audio, as a folder recipe would pick it up
+    with open(video, "wb") as f:
+        f.write(b"\x00\x00\x00\x20ftypisom" + bytes(range(256)) * 64)
+        f.truncate(24 * 2**20)
+    wav = tmp_path / "real.wav"
+    sf.write(wav, tone(16000, 1.0), 16000, subtype="PCM_24")  # larger than the threshold too
+    tracemalloc.start()
+    try:
+        with pytest.raises(AudioError, match=f"{video}: cannot decode"):
+            load_audio(str(video))
+        assert tracemalloc.get_traced_memory()[1] < 2**20
+    finally:
+        tracemalloc.stop()
+    samples, rate, digest = load_audio(str(wav))
+    assert rate == 16000 and np.allclose(samples, sf.read(wav, dtype="float32")[0], atol=0)
+    assert digest == hashlib.sha256(wav.read_bytes()).hexdigest()
