@@ -25,7 +25,7 @@ from .sources import (ARRAY, POOLED, ROOT, Source, arrow_owned, open_source, rea
                       shard_layout)
 from .store import (ALLOWED_CODECS, CHECKSUMS, FORMAT, INDEX_OPTIONAL, INDEX_SCHEMA, POOLED_CRC,
                     READABLE_VERSIONS, STORAGE_DTYPES, check_meta, checksum, crc_function, from_storage,
-                    pooled_shape, quiet_zarr, storage_width)
+                    is_layer_list, pooled_shape, quiet_zarr, storage_width)
 from .zarr_view import MAX_CHUNK_BYTES, MAX_METADATA_BYTES, MAX_SHARD_CHUNKS, SourceStore
 
 log = logging.getLogger(__name__)
@@ -312,9 +312,7 @@ class CacheReader:
         group = zarr.open_group(self.store, mode="r", zarr_format=3, use_consolidated=True)
         self.states = group[ARRAY]
         pooled = meta.get("pooled_layers") or []
-        if not isinstance(pooled, list) or not all(
-                isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= meta["num_hidden_layers"]
-                for n in pooled) or pooled != sorted(set(pooled)):
+        if not is_layer_list(pooled, meta["num_hidden_layers"]):
             raise StoreCorrupt(f"{location}: zarr.json metadata: field 'pooled_layers' is "
                                f"{json.dumps(pooled)[:60]}, expected distinct layer numbers in "
                                f"0..{meta['num_hidden_layers']}, in increasing order")

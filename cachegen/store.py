@@ -68,6 +68,14 @@ def index_schema(meta: dict) -> pa.Schema:
     return INDEX_SCHEMA.append(POOLED_CRC) if meta.get("pooled_layers") else INDEX_SCHEMA
 
 
+def is_layer_list(value, highest: int | None = None) -> bool:
+    """Whether `value` (read from JSON) lists distinct layer numbers in increasing order, each
+    in 0..`highest`: a store's or a run's pooled layers."""
+    return isinstance(value, list) and all(
+        isinstance(n, int) and not isinstance(n, bool) and 0 <= n and (highest is None or n <= highest)
+        for n in value) and value == sorted(set(value))
+
+
 def pooled_shape(meta: dict) -> tuple[int, int, int]:
     """(layers, 2, hidden): how a row of `pooled` reshapes (mean and std of each pooled layer)."""
     return len(meta["pooled_layers"]), 2, meta["hidden_size"]

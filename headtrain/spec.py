@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 from cachegen.errors import ConfigError
+from cachegen.store import is_layer_list
 
 
 class Strategy(str, Enum):
@@ -133,8 +134,7 @@ class ModelSpec:
             raise ConfigError(f"{where}: model_spec.targets must name at least one label column")
         strategy = Strategy.parse(data["strategy"], option=f"{where}: model_spec.strategy")
         pooled = data.get("pooled_layers", [])
-        if not isinstance(pooled, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
-                                                   for n in pooled) or pooled != sorted(set(pooled)):
+        if not is_layer_list(pooled):
             raise ConfigError(f"{where}: model_spec.pooled_layers is {pooled!r}, expected distinct "
                               "layer numbers (0 or more) in increasing order")
         if bool(pooled) != strategy.reads_pooled:
