@@ -57,32 +57,31 @@ def check_safe(location: str, array_meta: dict) -> None:
         raise StoreCorrupt(f"{location}: 'states' must be a 2-D array (frames, hidden)")
 
 
-def chunk_limits(location: str, meta: dict, array_meta: dict) -> tuple[int, int]:
-    """(most bytes of one encoded inner chunk, of one shard file) that the states' chunk shapes
-    allow, after checking that those shapes are the ones the metadata declares and are not
-    absurd. A chunk's decoded size is what zarr allocates to read even one frame of it.
+def chunk_limits(location: str, name: str, array_meta: dict, *, shard: tuple[int, int],
+                 inner: tuple[int, int]) -> tuple[int, int]:
+    """(most bytes of one encoded inner chunk, of one shard file) that the chunk shapes of array
+    `name` allow, after checking that they are the `shard` and `inner` chunk shapes the metadata
+    declares, and not absurd. A chunk's decoded size is what zarr allocates to read even one
+    row of it.
 
     Raises:
         UnsafeInput: a chunk shape that the metadata does not justify."""
     try:
         shape = [int(n) for n in array_meta["shape"]]
-        shard = [int(n) for n in array_meta["chunk_grid"]["configuration"]["chunk_shape"]]
-        inner = shard
+        shards = [int(n) for n in array_meta["chunk_grid"]["configuration"]["chunk_shape"]]
+        chunks = shards
         for codec in array_meta.get("codecs", []):
             if isinstance(codec, dict) and codec.get("name") == "sharding_indexed":
-                inner = [int(n) for n in codec["configuration"]["chunk_shape"]]
+                chunks = [int(n) for n in codec["configuration"]["chunk_shape"]]
         itemsize = np.dtype(array_meta["data_type"]).itemsize
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise StoreCorrupt(f"{location}: cannot be opened: the states' chunk layout is unreadable ({err})") from None
-    hidden = storage_width(meta["hidden_size"], meta["dtype"])  # int8 rows carry their scale
-    wrong = (len(shape) != 2 or len(shard) != 2 or len(inner) != 2 or shape[1] != hidden
-             or shard[1] != hidden or inner[1] != hidden or shard[0] != meta["shard_frames"]
-             or inner[0] != meta["chunk_frames"] or min(shard[0], inner[0]) < 1 or shard[0] % inner[0])
+        raise StoreCorrupt(f"{location}: cannot be opened: the chunk layout of '{name}' is unreadable ({err})") from None
+    wrong = (len(shape) != 2 or shape[1] != shard[1] or shards != list(shard) or chunks != list(inner)
+             or min(shard[0], inner[0]) < 1 or shard[0] % inner[0])
     if wrong:
-        raise UnsafeInput(f"{location}: refusing states with shard shape {shard} and chunk shape "
-                          f"{inner}; the metadata declares ({meta['shard_frames']}, {hidden}) and "
-                          f"({meta['chunk_frames']}, {hidden})")
-    chunk_bytes, chunks = inner[0] * hidden * itemsize, shard[0] // inner[0]
+        raise UnsafeInput(f"{location}: refusing {name} with shard shape {shards} and chunk shape "
+                          f"{chunks}; the metadata declares {tuple(shard)} and {tuple(inner)}")
+    chunk_bytes, chunks = inner[0] * inner[1] * itemsize, shard[0] // inner[0]
     if chunk_bytes > MAX_CHUNK_BYTES or chunks > MAX_SHARD_CHUNKS:
         raise UnsafeInput(f"{location}: refusing chunks of {chunk_bytes / 2**20:.0f} MiB, {chunks} "
                           f"per shard (at most {MAX_CHUNK_BYTES // 2**20} MiB and {MAX_SHARD_CHUNKS})")
@@ -308,7 +307,10 @@ class CacheReader:
         self.checksum: str = meta.get("checksum", "crc32")
         self._crc = crc_function(self.checksum)
         self.store = SourceStore(self.source)
-        self.store.limits = chunk_limits(location, meta, consolidated[ARRAY])
+        hidden = storage_width(meta["hidden_size"], meta["dtype"])  # int8 rows carry their scale
+        self.store.limits[ARRAY] = chunk_limits(location, ARRAY, consolidated[ARRAY],
+                                                shard=(meta["shard_frames"], hidden),
+                                                inner=(meta["chunk_frames"], hidden))
         group = zarr.open_group(self.store, mode="r", zarr_format=3, use_consolidated=True)
         self.states = group[ARRAY]
         pooled = meta.get("pooled_layers") or []
@@ -324,6 +326,9 @@ class CacheReader:
             if node.get("data_type") != "float32" or node.get("shape", [0, 0])[1:] != [expected]:
                 raise StoreCorrupt(f"{location}: metadata lists pooled layers {self.pooled_layers} "
                                    f"but the 'pooled' array is missing or not (utterances, {expected}) float32")
+            slots = meta["shard_frames"] // meta["chunk_frames"]  # one row per utterance start
+            self.store.limits[POOLED] = chunk_limits(location, POOLED, node, shard=(slots, expected),
+                                                     inner=(1, expected))
             self.pooled_array = group[POOLED]
         index = self._parquet("index.parquet")
         if index is None:
@@ -440,8 +445,8 @@ class CacheReader:
         start = self._rows[uid][0]
         try:
             row = self.pooled_array[start // self.meta["chunk_frames"]]
-        except StoreError:
-            raise
+        except (StoreError, UnsafeInput):
+            raise  # unreachable or refused: nothing is known about the bytes
         except Exception as err:
             raise StoreCorrupt(f"{self.location}: pooled statistics of '{uid}' cannot be read "
                                f"({err}); run `ser cache verify`") from None

@@ -301,7 +301,7 @@ def _copy_store(source: str | Path, destination: str | Path, *, jobs: int = 4) -
         todo = [key for key in keys if key not in done]
         log.info("copying %d of %d files from %s to %s%s", len(todo) + 1, len(keys) + 1, source,
                  destination, f" ({summary.skipped} copied by an earlier run)" if summary.skipped else "")
-        digests = _copy_files(reader.source, target, todo, jobs=jobs)
+        digests = _copy_files(reader, target, todo, jobs=jobs)
         summary.bytes += sum(size for size, _ in digests.values())
         for attempt in (1, 2):
             staged = target.staged(reader.root_json)
@@ -325,7 +325,7 @@ def _copy_store(source: str | Path, destination: str | Path, *, jobs: int = 4) -
                                    f"problem(s), first: {report.problems[0]}); nothing was published")
             log.warning("%d file(s) of the copy fail their checksums; copying them again", len(damaged_keys))
             target.discard(damaged_keys)
-            again = _copy_files(reader.source, target, damaged_keys, jobs=jobs)
+            again = _copy_files(reader, target, damaged_keys, jobs=jobs)
             summary.bytes += sum(size for size, _ in again.values())
         target.publish(reader.root_json)
         summary.copied = len(todo) + 1
@@ -347,9 +347,15 @@ def _digest(data: bytes | None) -> tuple[int, str] | None:
     return None if data is None else (len(data), hashlib.sha256(data).hexdigest())
 
 
-def _copy_files(source: Source, target: Target, keys: list[str], *, jobs: int) -> dict:
-    """Copy `keys`, `jobs` at a time; returns {key: (size, sha256)} of what was written."""
+def _copy_files(reader: CacheReader, target: Target, keys: list[str], *, jobs: int) -> dict:
+    """Copy `keys` of `reader`'s store, `jobs` at a time; returns {key: (size, sha256)} of what
+    was written. A file larger than the store's chunk shapes allow is refused unread."""
+    from zarr.core.sync import sync
+
+    source = reader.source
+
     def copy_one(key: str) -> tuple[int, str]:
+        sync(reader.store.refuse_large(key))
         data = read_key(source, key)
         if data is None:
             raise StoreCorrupt(f"{source.location}: {key} is missing; the store is incomplete "

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://|::")  # an fsspec URL, chained ones included
 EXTRAS = {"http": "http", "https": "http", "s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs"}
 ROOT, ARRAY, POOLED = "zarr.json", "states", "pooled"
+# The most a store's zarr.json or Parquet file may weigh; a larger one is refused before it is
+# read (or, over HTTP, as soon as that many bytes came). A ser store's stay far below it.
+MAX_METADATA_BYTES = 256 * 2**20
 
 
 class Source:
@@ -223,13 +226,27 @@ class ShortBody(Exception):
     """A response with fewer bytes than were asked for (a transient fault: tried again)."""
 
 
+class SlowAnswer(Exception):
+    """A server too slow to answer: no status and headers in time, or a body that drips (a
+    transient fault: tried again)."""
+
+
+class BadAnswer(Exception):
+    """An HTTP answer ser refuses to use: more bytes than asked for, other bytes than asked for,
+    or compressed bytes (not tried again: the server would answer the same)."""
+
+
 def transient(err: Exception) -> bool:
     """Whether a failed remote read is worth another try: timeouts, dropped connections, short
-    bodies and 5xx/408/429 answers are; other HTTP statuses and refused permissions are not."""
+    bodies and 5xx/408/429 answers are; other HTTP statuses, refused permissions and answers
+    ser refuses (`BadAnswer`, a redirect loop or to another scheme) are not."""
+    from aiohttp import RedirectClientError
+
     status = getattr(err, "status", None)  # aiohttp's ClientResponseError
     if isinstance(status, int):
         return status >= 500 or status in (408, 429)
-    return not isinstance(err, (PermissionError, NotImplementedError, ValueError, TypeError))
+    return not isinstance(err, (PermissionError, NotImplementedError, ValueError, TypeError, BadAnswer,
+                                RedirectClientError))
 
 
 class FsspecSource(Source):
@@ -238,12 +255,15 @@ class FsspecSource(Source):
     Suffix and offset reads become explicit ranges (the size is asked once per file), because
     simple servers refuse `Range: bytes=-N`; a server that ignores ranges altogether still gives
     correct bytes, only slowly, and says so once. Every read is bounded in time: over HTTP a
-    connection or a read that waits `timeout` seconds for a byte fails; a failed read that may
+    connection or a read that waits `timeout` seconds for a byte fails, and so does a body that
+    comes slower than `min_rate` bytes/s over `timeout` seconds (a drip); a failed read that may
     be transient (see `transient`), or a body shorter than asked for, is tried `retries` more
-    times after `backoff`, 2x`backoff`, ... seconds, then refused in one line naming the URL."""
+    times after `backoff`, 2x`backoff`, ... seconds, then refused in one line naming the URL.
+    Over HTTP every read is bounded in memory too (see `_http_get`)."""
 
     kind = "fsspec"
     timeout = 30.0
+    min_rate = 16 * 1024
     retries = 3
     backoff = 0.5
 
@@ -267,7 +287,8 @@ class FsspecSource(Source):
 
         protocol = self.location.split("://")[0].split("::")[-1] if "://" in self.location else ""
         options = dict(self.options)
-        if protocol.lower() in ("http", "https") and "timeout" not in options.get("client_kwargs", {}):
+        http = protocol.lower() in ("http", "https")
+        if http and "timeout" not in options.get("client_kwargs", {}):
             import aiohttp  # fsspec's HTTP backend; without a timeout a stalled server hangs a read
 
             options["client_kwargs"] = {**options.get("client_kwargs", {}), "timeout": aiohttp.ClientTimeout(
@@ -278,6 +299,11 @@ class FsspecSource(Source):
             extra = EXTRAS.get(protocol.lower())
             hint = f"pip install 'ser[{extra}]'" if extra else "install the fsspec backend for it"
             raise StoreError(f"{self.location}: cannot open ({err}); {hint}") from None
+        if http:  # plain HTTP(S) is read by `_http_get`, bounded; a chained URL keeps its reads
+            from fsspec.implementations.http import HTTPFileSystem
+
+            http = isinstance(fs, HTTPFileSystem)
+        self.http = http
         return fs, root.rstrip("/")
 
     def _path(self, key: str) -> str:
@@ -290,9 +316,13 @@ class FsspecSource(Source):
         `want`: the bytes a read must return (fewer is a short body); `whole`: the key of a
         whole-file read, checked by `cut_off` (a short body whose length nobody knew)."""
         url = f"{self.location.rstrip('/')}/{path.removeprefix(self.root + '/')}"
+        bounded = method == "cat_file" and self.http
+        call = self._http_get if bounded else getattr(self.fs, method)
+        if not bounded:
+            kwargs.pop("most", None)
         for attempt in range(self.retries + 1):
             try:
-                result = await asyncio.to_thread(getattr(self.fs, method), path, **kwargs)
+                result = await asyncio.to_thread(call, path, **kwargs)
                 if want is not None and result is not None and len(result) < want:
                     raise ShortBody(f"short body: {len(result)} of {want} bytes")
                 problem = whole and result is not None and cut_off(whole, result, None)
@@ -303,6 +333,8 @@ class FsspecSource(Source):
                 return None
             except Exception as err:  # network, permissions, server errors: not damage in the store
                 reason = f"{type(err).__name__}: {err}".strip().rstrip(":").splitlines()[0]
+                if isinstance(err, asyncio.TimeoutError) and not str(err):  # aiohttp's and fsspec's say nothing
+                    reason = f"{type(err).__name__}: nothing came for {self.timeout:g} s"
                 if attempt == self.retries or not transient(err):
                     tries = f" after {attempt + 1} tries" if attempt else ""
                     raise StoreError(f"{url}: cannot read ({reason}){tries}") from None
@@ -325,7 +357,8 @@ class FsspecSource(Source):
             # JSON and Parquet, and by the file's size (one HEAD, remembered) for the rest
             metadata = key.endswith((ROOT, ".parquet"))
             want = self._sizes.get(path) if metadata else await self.size(key)
-            return await self._call("cat_file", path, want=want, whole=key)
+            most = MAX_METADATA_BYTES if want is None or metadata and want > MAX_METADATA_BYTES else want
+            return await self._call("cat_file", path, want=want, whole=key, most=most)
         if end is None or (start or 0) < 0 or path in self._sizes:
             size = await self.size(key)
             if size is None:
@@ -337,17 +370,91 @@ class FsspecSource(Source):
         data = await self._call("cat_file", path, start=start, end=end,
                                 want=end - start if path in self._sizes else None)
         if data is not None and len(data) > end - start:  # the server ignored the Range header
-            if not self._warned:
-                log.warning("%s ignores HTTP Range requests: each read downloads a whole file; use "
-                            "a server with range support (nginx, RangeHTTPServer) or --cache-dir",
-                            self.location)
-                self._warned = True
+            self._no_ranges()
             data = data[start:end]
         elif data is not None and len(data) < end - start:  # past the end, or a short body
             size = await self.size(key)
             if size is not None and len(data) < min(end, size) - start:
                 data = await self._call("cat_file", path, start=start, end=end, want=min(end, size) - start)
         return data
+
+    def _no_ranges(self) -> None:
+        if not self._warned:
+            log.warning("%s ignores HTTP Range requests: each read downloads a whole file; use "
+                        "a server with range support (nginx, RangeHTTPServer) or --cache-dir",
+                        self.location)
+            self._warned = True
+
+    def _http_get(self, path: str, *, start: int | None = None, end: int | None = None,
+                  most: int | None = None) -> bytes:
+        """`fs.cat_file(path, start, end)` over HTTP, bounded (from a worker thread)."""
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, self._http_stream, path, start, end, most)
+
+    async def _http_stream(self, path: str, start: int | None, end: int | None, most: int | None) -> bytes:
+        """GET `path` (bytes [start:end) when given) with fsspec's session and options, keeping
+        no more bytes than were asked for: a ranged read keeps at most `end - start` bytes of a
+        206 (at most `end` of a 200 that ignores the range: the rest is never received), a whole
+        read at most `most`. Anything more, a 206 of other bytes than asked, or compressed bytes
+        (ser asks for none, so a decompression bomb is never inflated) is a `BadAnswer`; a body
+        slower than `min_rate` bytes/s over `timeout` seconds, or no status and headers within
+        twice `timeout`, is a `SlowAnswer`."""
+        fs = self.fs
+        kwargs = dict(fs.kwargs)
+        headers = {**kwargs.pop("headers", {}), "Accept-Encoding": "identity"}
+        ranged = start is not None or end is not None
+        if ranged:
+            headers["Range"] = f"bytes={start}-{end - 1}"
+            most = end  # a 200 ignoring the range holds the file from its start: `end` bytes suffice
+        session = await fs.set_session()
+        try:  # a byte every few seconds keeps a socket's read timeout at bay, but not this one
+            response = await asyncio.wait_for(session.get(
+                fs.encode_url(path), headers=headers, auto_decompress=False, **kwargs), 2 * self.timeout)
+        except asyncio.TimeoutError:
+            raise SlowAnswer(f"no status and headers within {2 * self.timeout:g} s") from None
+        async with response as r:
+            if r.status == 404:
+                raise FileNotFoundError(path)
+            r.raise_for_status()
+            encoding = r.headers.get("Content-Encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                raise BadAnswer(f"the server sent Content-Encoding {encoding!r}; ser asks for the "
+                                "bytes as they are (Accept-Encoding: identity)")
+            if r.status == 206:
+                span = re.match(r"\s*bytes\s+(\d+)-(\d+)/", r.headers.get("Content-Range", ""))
+                if not ranged or not span or int(span[1]) != start or not start <= int(span[2]) < end:
+                    asked = f"bytes {start}-{end - 1}" if ranged else "the whole file"
+                    raise BadAnswer(f"asked for {asked}, the server answered 206 with Content-Range "
+                                    f"{r.headers.get('Content-Range')!r}")
+                most = end - start
+            elif ranged:
+                self._no_ranges()
+                return (await self._http_body(r, most, cut=True))[start:]
+            return await self._http_body(r, most, cut=False)
+
+    async def _http_body(self, response, most: int | None, *, cut: bool) -> bytes:
+        """The body of `response`, at most `most` bytes: beyond that, the first `most` when
+        `cut` (the connection is closed then, the rest never received), else a `BadAnswer`."""
+        loop = asyncio.get_running_loop()
+        parts, size = [], 0
+        since, received = loop.time(), 0  # the current window of `timeout` seconds
+        async for chunk in response.content.iter_any():
+            parts.append(chunk)
+            size += len(chunk)
+            if most is not None and size > most:
+                if cut:
+                    break
+                raise BadAnswer(f"the server sent more than the {most} bytes asked for")
+            received += len(chunk)
+            now = loop.time()
+            if now - since >= self.timeout:
+                if received < self.min_rate * (now - since):
+                    raise SlowAnswer(f"the body came at {received / (now - since):.0f} bytes/s over "
+                                       f"{now - since:.0f} s (at least {self.min_rate} are needed)")
+                since, received = now, 0
+        data = b"".join(parts)
+        return data[:most] if cut else data
 
 
 class LocalCopy(Source):

@@ -9,12 +9,11 @@ from collections import OrderedDict
 import numpy as np
 
 from .errors import StoreError, UnsafeInput
-from .sources import ARRAY, POOLED, Source
+from .sources import MAX_METADATA_BYTES, Source
 
 # What a store's files may weigh, decoded; anything larger is refused before it is read or
-# inflated (a zip or decompression bomb). A ser store's zarr.json and Parquet files stay far
-# below the first; the others follow from the chunk shapes, which must match the metadata.
-MAX_METADATA_BYTES = 256 * 2**20
+# inflated (a zip or decompression bomb). The chunks' follow from the chunk shapes, which must
+# match the metadata; the metadata files' (MAX_METADATA_BYTES) is in `cachegen.sources`.
 MAX_CHUNK_BYTES = 64 * 2**20  # one inner chunk of states
 MAX_SHARD_CHUNKS = 2**16  # inner chunks per shard (its index is 16 bytes each)
 
@@ -40,6 +39,7 @@ class SourceStore(_store_base()):
         self._suffix_bytes = 0
         self._spans: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._sized: set[str] = set()  # keys whose size was checked against the limits
+        self.limits: dict[str, tuple[int, int]] = {}  # array -> (chunk, shard) bytes, `chunk_limits`
 
     def __eq__(self, other):
         return isinstance(other, SourceStore) and other.source is self.source
@@ -47,21 +47,21 @@ class SourceStore(_store_base()):
     def __repr__(self):
         return f"SourceStore({self.source.location!r})"
 
-    limits: tuple[int, int] | None = None  # (chunk, shard) bytes, from `chunk_limits`
-
-    async def _refuse_large(self, key: str, byte_range) -> None:
+    async def refuse_large(self, key: str, byte_range=None) -> None:
         """Refuse a range, or a file, larger than the chunk shapes allow, before a byte of it
-        is fetched or inflated (file sizes known without a request: zip, folder, local copy)."""
+        is fetched or inflated (file sizes known without a request: zip, folder, local copy;
+        over fsspec, a shard's size, which reading it asks for anyway)."""
         from zarr.abc.store import RangeByteRequest
 
-        shard = key.startswith(f"{ARRAY}/c/")
+        array, chunk, _ = key.partition("/c/")  # a shard's key: 'states/c/3/0'
+        limits = self.limits.get(array) if chunk else None
         most, length = None, None
-        if isinstance(byte_range, RangeByteRequest) and shard and self.limits:
-            most, length = self.limits[0], byte_range.end - byte_range.start
-        elif key not in self._sized and self.source.kind in ("zip", "folder", "cached"):
+        if isinstance(byte_range, RangeByteRequest) and limits:
+            most, length = limits[0], byte_range.end - byte_range.start
+        elif key not in self._sized and (self.source.kind in ("zip", "folder", "cached")
+                                         or limits and self.source.kind == "fsspec"):
             self._sized.add(key)
-            most = (self.limits[1] if self.limits else None) if shard else (
-                None if key.startswith(f"{POOLED}/c/") else MAX_METADATA_BYTES)
+            most = limits[1] if limits else None if chunk else MAX_METADATA_BYTES
             length = await self.source.size(key) if most else None
         if most and length is not None and length > most:
             raise UnsafeInput(f"{self.source.location}: refusing to read {length} bytes of '{key}', more "
@@ -70,7 +70,7 @@ class SourceStore(_store_base()):
     async def get(self, key, prototype, byte_range=None):
         from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 
-        await self._refuse_large(key, byte_range)
+        await self.refuse_large(key, byte_range)
         if byte_range is None:
             data = await self.source.read(key)
         elif isinstance(byte_range, RangeByteRequest):
@@ -103,6 +103,7 @@ class SourceStore(_store_base()):
         chunk-by-chunk reads of one utterance cost one request instead of one each. Assumes ser's
         shard layout (index at the end: `chunks` pairs of little-endian uint64 offset, length; then
         a crc32c); zarr still decodes and checks everything, so a wrong guess only costs speed."""
+        await self.refuse_large(key)
         index = await self._suffix(key, index_size)
         if index is None or len(index) != index_size:
             return

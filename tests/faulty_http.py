@@ -1,14 +1,24 @@
 """An HTTP server on 127.0.0.1 (in a thread) that serves a folder with Range support and
-misbehaves on request: stalls, answers 5xx, or sends short bodies.
+misbehaves on request: stalls, answers 5xx, sends short, endless, dripping or compressed bodies,
+other bytes than asked for, or redirects where it should not.
 
 `server.faults[path]` is a list of what the next requests for `path` get, consumed one per
-GET ("stall", "503", "short", "short-honest"); once empty, requests are served normally (HEAD
-always is).
+GET; once empty, requests are served normally (HEAD always is, but with the size in
+`server.head_sizes[path]` when there is one). The faults:
+- "stall": nothing, until the server stops; a status ("503"): that status and no body;
+- "short": promises the whole part, sends half, closes; "short-honest": says half, sends half;
+- "endless": 200 (whatever the Range), the whole file, then zeros without end (no length);
+- "other-range": a 206 of the bytes 16 before those asked for, saying so in Content-Range;
+- "gzip": the right bytes, gzip-compressed, with Content-Encoding: gzip;
+- "drip": the right answer, its body one byte per 0.1 s;
+- "drip-head": the status line, then one byte per 0.1 s of a header without end;
+- "redirect-loop", "redirect-file": a 302 to itself, or to file:///etc/passwd.
 `"*"` applies to every path. Every request is recorded in `server.log` as (method, path, what).
 """
 
 from __future__ import annotations
 
+import gzip
 import re
 import threading
 import time
@@ -20,6 +30,7 @@ class FaultyServer:
     def __init__(self, root: str | Path, *, stall_seconds: float = 30.0):
         self.root = Path(root)
         self.faults: dict[str, list[str]] = {}
+        self.head_sizes: dict[str, int] = {}
         self.log: list[tuple[str, str, str]] = []
         self.stall_seconds = stall_seconds
         self._release = threading.Event()
@@ -47,10 +58,16 @@ class FaultyServer:
                     server._release.wait(server.stall_seconds)
                     self.close_connection = True
                     return
-                if fault.isdigit():
-                    self.send_response(int(fault))
+                if fault.isdigit() or fault.startswith("redirect"):
+                    self.send_response(302 if fault.startswith("redirect") else int(fault))
+                    if fault.startswith("redirect"):
+                        self.send_header("Location", self.path if fault == "redirect-loop" else "file:///etc/passwd")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
+                    return
+                if fault == "drip-head":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Drip: ")
+                    self._drip(b"x" * 10**6)
                     return
                 file = server.root / self.path.lstrip("/")
                 if not file.is_file():
@@ -68,19 +85,49 @@ class FaultyServer:
                     else:
                         first = max(0, len(data) - int(b))
                     status = 206
+                if fault == "endless":
+                    self.send_response(200)
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.close_connection = True
+                    try:
+                        self.wfile.write(data)
+                        while True:
+                            self.wfile.write(bytes(2**16))
+                    except OSError:  # the client hung up: what it must do
+                        return
+                if fault == "other-range" and status == 206:
+                    first, last = max(0, first - 16), max(0, first - 16) + last - first
                 part = data[first:last]
                 sent = part[:len(part) // 2] if fault.startswith("short") else part
+                sent = gzip.compress(sent) if fault == "gzip" else sent
                 self.send_response(status)
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {first}-{last - 1}/{len(data)}")
+                if fault == "gzip":
+                    self.send_header("Content-Encoding", "gzip")
                 # "short": promises the whole part, sends half, closes; "short-honest": says half
-                self.send_header("Content-Length", str(len(sent) if fault == "short-honest" else len(part)))
+                size = server.head_sizes.get(self.path, len(part)) if not body else len(part)
+                self.send_header("Content-Length", str(len(sent) if fault in ("short-honest", "gzip") else size))
                 self.send_header("Accept-Ranges", "bytes")
                 self.end_headers()
-                if body:
+                if body and fault == "drip":
+                    self._drip(sent)
+                elif body:
                     self.wfile.write(sent)
                 if fault.startswith("short"):
                     self.close_connection = True
+
+            def _drip(self, data: bytes) -> None:
+                self.close_connection = True
+                try:
+                    for i in range(len(data)):
+                        self.wfile.write(data[i:i + 1])
+                        self.wfile.flush()
+                        if server._release.wait(0.1):
+                            return
+                except OSError:  # the client hung up: what it must do
+                    pass
 
             def do_GET(self):
                 self._serve(True)

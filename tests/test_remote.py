@@ -4,12 +4,13 @@ are fetched again and never kept in --cache-dir (reliability item 16)."""
 
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 
 from cachegen import open_cache
 from cachegen.build import BuildConfig, build_cache
-from cachegen.errors import StoreError
+from cachegen.errors import StoreError, UnsafeInput
 from cachegen.sources import FsspecSource
 from helpers import one_error_line, run_cli
 from faulty_http import FaultyServer
@@ -44,12 +45,22 @@ def local_states(store):
 
 
 def bounded(call, *args):
-    """Run `call` in a thread; fail (instead of hanging the suite) if it never returns."""
+    """Run `call` in a thread; fail (instead of hanging the suite) if it never returns. What it
+    raises is raised here."""
     result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("value", call(*args)), daemon=True)
+
+    def run():
+        try:
+            result["value"] = call(*args)
+        except BaseException as err:  # noqa: BLE001 -- handed to the test's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(120)
     assert not thread.is_alive(), "the read hangs"
+    if "error" in result:
+        raise result["error"]
     return result["value"]
 
 
@@ -116,3 +127,117 @@ def test_cut_off_download_is_never_kept_in_the_cache_dir(store, server, tmp_path
     with open_cache(url, cache_dir=cache_dir) as reader:
         assert {uid: reader.read_raw(uid).tobytes() for uid in reader.ids} == local_states(store)
     assert (next(cache_dir.iterdir()) / "states/c/0/0").read_bytes() == (store / "states/c/0/0").read_bytes()
+
+
+# --- a hostile server: what it answers must never cost unbounded memory or time -----------------
+
+def kept_files(cache_dir) -> dict:
+    return {p.relative_to(cache_dir).as_posix().split("/", 1)[1]: p.read_bytes()
+            for p in cache_dir.rglob("*") if p.is_file() and not p.name.startswith(".")}
+
+
+def test_endless_bodies_are_cut_or_refused(store, server, tmp_path, monkeypatch):
+    """A body without end (no Content-Length) answering a ranged read: the first bytes are what
+    was asked for, the rest is never received; answering a whole read: refused past the size
+    (a shard) or past the metadata limit (zarr.json); nothing of it is kept in --cache-dir."""
+    from cachegen import sources
+
+    monkeypatch.setattr(sources, "MAX_METADATA_BYTES", 2**20)  # a test-sized limit
+    url, shards = f"{server.url}/s.zarr", shard_paths(store)
+    for path in shards:
+        server.faults[path] = ["endless"] * 50
+    with open_cache(url) as reader:  # ranged reads answered with 200, the file, then zeros
+        assert bounded(lambda: {uid: reader.read_raw(uid).tobytes() for uid in reader.ids}) == local_states(store)
+    cache_dir = tmp_path / "cache"
+    one_error_line(bounded(run_cli, "cache", "verify", url, "--cache-dir", cache_dir),
+                   f"{url}/states/c/", "more than the")
+    assert not any(name.startswith("states/c/") for name in kept_files(cache_dir))
+    server.faults.clear()
+    server.faults["/s.zarr/zarr.json"] = ["endless"] * 50
+    one_error_line(bounded(run_cli, "cache", "info", url), f"{url}/zarr.json", f"more than the {2**20} bytes")
+    assert [r[2] for r in server.requests("/s.zarr/zarr.json")][-2:] == ["ok", "endless"]  # not tried again
+
+
+def test_a_size_the_server_lies_about_is_refused_before_reading(store, server, tmp_path):
+    """HEAD says a shard holds a terabyte (and GET would send it): refused by the store's chunk
+    shapes before a byte is fetched, with or without --cache-dir, and by `ser cache copy`."""
+    url, shard = f"{server.url}/s.zarr", shard_paths(store)[0]
+    server.head_sizes[shard] = 10**12
+    server.faults[shard] = ["endless"] * 50
+    for extra in ([], ["--cache-dir", tmp_path / "cache"]):
+        one_error_line(bounded(run_cli, "cache", "verify", url, *extra), url, "refusing to read 1000000000000 bytes",
+                       "states/c/0/0")
+    one_error_line(bounded(run_cli, "cache", "copy", url, tmp_path / "copy"), "refusing to read 1000000000000")
+    assert [r[2] for r in server.requests(shard) if r[0] == "GET"] == []
+    assert not (tmp_path / "copy").exists()
+
+
+@pytest.mark.parametrize("fault, expected", [("other-range", "answered 206 with Content-Range"),
+                                             ("gzip", "Content-Encoding 'gzip'")])
+def test_other_bytes_or_compressed_bytes_are_refused(fault, expected, store, server, tmp_path):
+    """A 206 of other bytes than asked for, or a body compressed although ser asks for none
+    (a decompression bomb is never inflated): one line naming the URL, not tried again."""
+    url, shard = f"{server.url}/s.zarr", shard_paths(store)[0]
+    server.faults[shard] = [fault] * 50
+    line = one_error_line(bounded(run_cli, "cache", "verify", url), f"{server.url}{shard}: cannot read", expected)
+    assert "tries" not in line
+    server.faults.clear()
+    server.faults["/s.zarr/index.parquet"] = ["gzip"] * 50
+    cache_dir = tmp_path / "cache"
+    one_error_line(bounded(run_cli, "cache", "verify", url, "--cache-dir", cache_dir),
+                   f"{url}/index.parquet", "Content-Encoding 'gzip'")
+    assert "index.parquet" not in kept_files(cache_dir)
+
+
+@pytest.mark.parametrize("fault, expected", [("drip", "bytes/s"), ("drip-head", "no status and headers")])
+def test_a_dripping_server_fails_in_bounded_time_naming_the_url(fault, expected, store, server):
+    """A byte every 0.1 s keeps a socket's read timeout (1 s here) from ever firing: the body's
+    rate, and the time to the headers, are bounded too."""
+    server.faults["*"] = [fault] * 50
+    one_error_line(bounded(run_cli, "cache", "info", f"{server.url}/s.zarr"),
+                   f"{server.url}/s.zarr/zarr.json", expected, "after 3 tries")
+
+
+@pytest.mark.parametrize("fault, expected", [("redirect-loop", "TooManyRedirects"),
+                                             ("redirect-file", "file:///etc/passwd")])
+def test_redirect_loops_and_redirects_to_other_schemes_are_refused(fault, expected, store, server):
+    server.faults["/s.zarr/zarr.json"] = [fault] * 50
+    line = one_error_line(bounded(run_cli, "cache", "info", f"{server.url}/s.zarr"),
+                          f"{server.url}/s.zarr/zarr.json", expected)
+    assert "tries" not in line  # the server would answer the same again
+
+
+def test_pooled_shards_are_bounded_by_their_chunk_shapes_too(tiny_model, corpus, tmp_path):
+    """The pooled statistics' chunk shapes must be the ones the metadata implies, and a range
+    of a pooled shard larger than one chunk (an index pointing at a gigabyte, sent without end)
+    is refused before it is fetched."""
+    import json
+
+    import numpy as np
+
+    from cachegen.store import checksum
+    from helpers import build_pooled
+
+    www = tmp_path / "www"
+    store = Path(build_pooled(corpus, tiny_model, www / "p.zarr", shard_frames=256, chunk_frames=64))
+    shard = store / "pooled" / "c" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    index = np.frombuffer(bytes(data[-(4 * 16 + 4):-4]), "<u8").reshape(4, 2).copy()
+    index[0, 1] = 2**30  # the first slot's chunk: a gigabyte
+    data[-(4 * 16 + 4):] = index.tobytes() + checksum(index.view(np.uint8)).to_bytes(4, "little")
+    shard.write_bytes(bytes(data))
+    server = FaultyServer(www)
+    try:
+        server.faults["/p.zarr/pooled/c/0/0"] = ["endless"] * 50
+        with open_cache(f"{server.url}/p.zarr") as reader:
+            with pytest.raises(UnsafeInput, match="refusing to read 1073741824 bytes of 'pooled/c/0/0'"):
+                bounded(lambda: [reader.pooled(uid) for uid in reader.ids])
+        root = json.loads((store / "zarr.json").read_text())
+        pooled = root["consolidated_metadata"]["metadata"]["pooled"]
+        pooled["chunk_grid"]["configuration"]["chunk_shape"][0] = 2**20  # a chunk of 1.25 GiB
+        pooled["codecs"][0]["configuration"]["chunk_shape"][0] = 2**20
+        (store / "zarr.json").write_text(json.dumps(root))
+        one_error_line(bounded(run_cli, "cache", "info", f"{server.url}/p.zarr"), "refusing pooled with",
+                       "chunk shape [1048576")
+    finally:
+        server.stop()
