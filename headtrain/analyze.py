@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cachegen.device import resolve_device
 from cachegen.encoder import stable_layer_norm
 from cachegen.errors import ConfigError
 
@@ -163,8 +164,7 @@ class ChangeConfig:
             raise ConfigError("pass at most one of --manifest and --from-cache")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
-        if self.device and self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device {self.device}: CUDA is not available on this machine")
+        resolve_device(self.device)
         check_out(self.out, self.run)
 
 
@@ -264,7 +264,7 @@ def analyze_change(config: ChangeConfig, *, progress: bool = True) -> dict:
     info = read_run_info(config.run)
     if info["format"] != "ser-run":
         raise ConfigError(f"{config.run}: an export; analyse the run directory it came from")
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(config.device)
     run = load_run(config.run, from_audio=True, model=config.model)
     spec: ModelSpec = run.spec
     if spec.strategy.reads_pooled:
@@ -443,8 +443,7 @@ class ProbeConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if not self.lr > 0:
             raise ConfigError(f"--lr {self.lr}: must be positive")
-        if self.device and self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device {self.device}: CUDA is not available on this machine")
+        resolve_device(self.device)
         check_out(self.out)
 
 
@@ -487,7 +486,7 @@ def pooled_from_audio(config: ProbeConfig, wanted: set[str], *, progress: bool):
     manifest = load_manifest(config.source, audio_root=config.audio_root)
     loaded = load_model(config.model or DEFAULT_MODEL)
     layers = loaded.num_layers
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(config.device)
     stack = PooledStack(loaded.model, 0, tuple(range(layers + 1)), device=device)
     utterances = [u for u in manifest.utterances if u.id in wanted]
     seconds = {u.id: audio_seconds(u.path) for u in utterances}

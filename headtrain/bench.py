@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from cachegen.device import resolve_device
 from cachegen.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class BenchConfig:
             raise ConfigError("--steps and --batch-size must be at least 1, --warmup-steps at least 0")
         if self.amp not in ("bf16", "fp16", "no"):
             raise ConfigError(f"--amp {self.amp!r}: choose bf16, fp16 or no")
+        resolve_device(self.device)
         if self.amp == "fp16" and not (self.device or "").startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("--amp fp16 needs a CUDA GPU; on CPU use --amp bf16 or --amp no")
 
@@ -245,7 +247,7 @@ def bench(config: BenchConfig) -> dict:
     if config.top_layers > loaded.num_layers - config.layers:
         raise ConfigError(f"--top-layers {config.top_layers} is larger than the "
                           f"{loaded.num_layers - config.layers} layers above layer {config.layers}")
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(resolve_device(config.device))
     tmp = tempfile.TemporaryDirectory(prefix="ser-bench-")
     build_seconds = None
     store = config.store

@@ -32,12 +32,19 @@ def test_bad_training_options_are_refused_before_any_work(args, message, built_s
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("command", ["evaluate", "predict"])
-def test_bogus_device_is_refused_by_evaluate_and_predict(command, built_store, corpus, tmp_path):
-    source = ["--from-cache", built_store] if command == "evaluate" else ["--manifest", corpus]
-    out = tmp_path / ("o" if command == "evaluate" else "o.csv")
-    result = run_cli(command, tmp_path, *source, "--device", "foo", "--out", out)
-    assert result.exit_code == 1 and "--device 'foo': not a device" in result.stderr, result.stderr
+@pytest.mark.parametrize("command", ["evaluate", "predict", "analyze change", "analyze probe", "bench"])
+@pytest.mark.parametrize("device,message", [("foo", "--device 'foo': not a device"),
+                                            ("cuda:3", "--device cuda:3: CUDA is not available")])
+def test_bogus_device_is_refused_by_every_command_that_runs_a_model(command, device, message, built_store,
+                                                                     corpus, tiny_model, tmp_path):
+    args = {"evaluate": [tmp_path, "--from-cache", built_store, "--out", tmp_path / "o"],
+            "predict": [tmp_path, "--manifest", corpus, "--out", tmp_path / "o.csv"],
+            "analyze change": [tmp_path, "--out", tmp_path / "o"],
+            "analyze probe": [corpus, "--model", tiny_model, "--out", tmp_path / "o"],
+            "bench": ["--manifest", corpus, "--model", tiny_model, "--layers", 1, "--top-layers", 1]}[command]
+    result = run_cli(*command.split(), *args, "--device", device)
+    assert result.exit_code == 1 and message in result.stderr, result.output
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "o").exists()
 
 
 def test_infinite_and_overflowing_labels_are_refused_naming_the_rows(built_store, tmp_path):
