@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import SerError, StoreCorrupt, StoreError, UnsafeInput
-from .sources import (ARRAY, POOLED, ROOT, Source, arrow_owned, open_source, read_key, read_key_size,
-                      shard_layout)
+from .sources import (ARRAY, POOLED, ROOT, LocalCopy, OverlaySource, Source, arrow_owned, open_source, read_key,
+                      read_key_size, shard_layout)
 from .store import (ALLOWED_CODECS, CHECKSUMS, FORMAT, INDEX_OPTIONAL, INDEX_SCHEMA, POOLED_CRC,
                     READABLE_VERSIONS, STORAGE_DTYPES, check_meta, checksum, crc_function, from_storage,
                     is_layer_list, pooled_shape, quiet_zarr, storage_width)
@@ -209,6 +209,12 @@ class LocalShards:
                 self._shards.popitem(last=False)
         return entry
 
+    def forget(self, shards) -> None:
+        """Map these shards again on their next read (their files were replaced)."""
+        with self._lock:
+            for shard in shards:
+                self._shards.pop(shard, None)
+
     def _copy_rows(self, shard: int, low: int, high: int, out: np.ndarray) -> bool:
         """Rows [low, high) of shard `shard` into `out`; False when the shard is not local."""
         entry = self._shards.get(shard) or self._open(shard)
@@ -306,7 +312,8 @@ class CacheReader:
         self.dtype: str = meta["dtype"]
         self.checksum: str = meta.get("checksum", "crc32")
         self._crc = crc_function(self.checksum)
-        self.store = SourceStore(self.source)
+        # zarr reads the zarr.json checked here, never a second one (which a server could swap)
+        self.store = SourceStore(OverlaySource(self.source, {ROOT: raw}))
         hidden = storage_width(meta["hidden_size"], meta["dtype"])  # int8 rows carry their scale
         self.store.limits[ARRAY] = chunk_limits(location, ARRAY, consolidated[ARRAY],
                                                 shard=(meta["shard_frames"], hidden),
@@ -352,6 +359,26 @@ class CacheReader:
         self._rows = {uid: (start, frames, crc) for uid, start, frames, crc in
                       zip(columns["id"], columns["start"], columns["frames"], columns["crc32"])}
         self._pooled_crc = dict(zip(columns["id"], columns.get(POOLED_CRC.name) or []))
+        if self.source.kind == "fsspec" or isinstance(self.source, LocalCopy) and self.source.fetched:
+            self._check_unchanged()  # the index and manifest are of the zarr.json read first
+
+    def _check_unchanged(self) -> None:
+        """Refuse to go on when the remote zarr.json is no longer the one this reader opened: a
+        store rebuilt or replaced on the server is never read mixed with the one opened (and its
+        local copy, which may hold files of both, is dropped)."""
+        remote = self.source.remote if isinstance(self.source, LocalCopy) else self.source
+        if remote.kind != "fsspec" or getattr(self.source, "offline", False):
+            return
+        try:
+            now = read_key(remote, ROOT)
+        except StoreError:
+            return  # unreachable now: nothing is known
+        if now != self.root_json:
+            if isinstance(self.source, LocalCopy):
+                self.source.drop()
+            raise StoreError(f"{self.location} changed while it was being read (its zarr.json is no "
+                             "longer the one opened: rebuilt or replaced on the server?); run the "
+                             "command again")
 
     def _read_small(self, key: str) -> bytes | None:
         """A metadata file, refused unread when it is larger than any store's (a zip's declared
@@ -382,7 +409,10 @@ class CacheReader:
         return self._rows[uid][1]
 
     def read_raw(self, uid: str) -> np.ndarray:
-        """The stored array of `uid`, checked against its checksum."""
+        """The stored array of `uid`, checked against its checksum. Over the network, an
+        utterance that fails is never blamed on the store when the store changed on the server;
+        from the local copy of a remote store, the files of one that fails are dropped from the
+        copy and fetched once more (and dropped again if they still fail)."""
         try:
             start, frames, crc = self._rows[uid]
         except KeyError:
@@ -390,6 +420,40 @@ class CacheReader:
         if frames < 1 or start < 0:  # a damaged or hand-edited index: never an empty utterance
             raise StoreCorrupt(f"{self.location}: utterance '{uid}' has an impossible index row "
                                f"(start {start}, frames {frames}); run `ser cache verify`")
+        rows = self.states.metadata.chunk_grid.chunk_shape[0]
+        shards = range(start // rows, (start + frames - 1) // rows + 1)
+        return self._checked(lambda: self._read_checked(uid, start, frames, crc),
+                             [self._shard_key(shard) for shard in shards], shards)
+
+    def _checked(self, read, keys: list[str], shards=()):
+        """`read()`. When it finds damage: over the network, a store changed on the server is
+        named as such; from the local copy of a remote store, the files `keys` (and the mapped
+        `shards`) are dropped from the copy and read once more, and dropped again if they
+        still fail: the copy never keeps a file found wrong."""
+        try:
+            return read()
+        except StoreCorrupt:
+            copy = isinstance(self.source, LocalCopy)
+            if copy:
+                self._forget(keys, shards)
+            if copy and not self.source.offline:
+                try:
+                    return read()
+                except StoreCorrupt:
+                    self._forget(keys, shards)
+                    self._check_unchanged()
+                    raise
+            self._check_unchanged()
+            raise
+
+    def _forget(self, keys: list[str], shards) -> None:
+        """Drop the local copy's files `keys`, and what this reader holds of them."""
+        self.source.forget(keys)
+        self.store.forget(keys)
+        if self._local:
+            self._local.forget(shards)
+
+    def _read_checked(self, uid: str, start: int, frames: int, crc: int) -> np.ndarray:
         try:
             raw = self._local.read(start, frames) if self._local else None
             if raw is not None:  # little-endian and contiguous: checked in place (the hot path)
@@ -442,9 +506,14 @@ class CacheReader:
                              "`ser cache build ... --pooled-layers all`")
         if uid not in self._rows:
             raise KeyError(f"{uid!r} is not in store {self.location}")
-        start = self._rows[uid][0]
+        slot = self._rows[uid][0] // self.meta["chunk_frames"]
+        shard = slot // self.pooled_array.metadata.chunk_grid.chunk_shape[0]
+        key = f"{POOLED}/{self.pooled_array.metadata.encode_chunk_key((shard, 0))}"
+        return self._checked(lambda: self._read_pooled(uid, slot), [key])
+
+    def _read_pooled(self, uid: str, slot: int) -> np.ndarray:
         try:
-            row = self.pooled_array[start // self.meta["chunk_frames"]]
+            row = self.pooled_array[slot]
         except (StoreError, UnsafeInput):
             raise  # unreachable or refused: nothing is known about the bytes
         except Exception as err:

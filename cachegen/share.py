@@ -22,33 +22,12 @@ from pathlib import Path
 
 from .errors import ConfigError, StoreCorrupt, StoreError
 from .reader import CacheReader, open_cache
-from .sources import ROOT, URL, FolderSource, FsspecSource, Source, ZipSource, byte_bounds, read_key
+from .sources import ROOT, URL, FolderSource, FsspecSource, OverlaySource, Source, ZipSource, read_key
 from .store import write_atomic
 
 log = logging.getLogger(__name__)
 
 MARKER = ".ser-copy.json"  # in the staging area: which source its files came from
-
-
-class OverlaySource(Source):
-    """A source with some keys replaced: a staged copy seen with the zarr.json it will get."""
-
-    def __init__(self, base: Source, extra: dict[str, bytes]):
-        self.base, self.extra = base, extra
-        self.location, self.kind = base.location, base.kind
-
-    async def read(self, key, start=None, end=None):
-        if key in self.extra:
-            data = self.extra[key]
-            first, last = byte_bounds(start, end, len(data))
-            return data[first:last]
-        return await self.base.read(key, start, end)
-
-    async def size(self, key):
-        return len(self.extra[key]) if key in self.extra else await self.base.size(key)
-
-    def close(self):
-        self.base.close()
 
 
 # --- targets: where a copy is staged, then published; one class per kind of destination -------

@@ -139,6 +139,66 @@ class FolderSource(Source):
         return (str(path), 0, info.st_size) if stat.S_ISREG(info.st_mode) else None
 
 
+class OwnFolder(FolderSource):
+    """A folder only ser writes to (the local copy of a remote store, in `--cache-dir`): a key
+    is read only from a regular file reached through real folders. A symbolic link, FIFO,
+    socket or device found on the way is not ser's (a FIFO would block a read forever, a link
+    would read or write elsewhere): it is removed, and the key reads as absent."""
+
+    def _path(self, key: str) -> Path | None:
+        path, mode = self.root, None
+        if self.root.is_symlink():
+            log.warning("removing %s: a local copy holds only files and folders ser wrote", path)
+            self.root.unlink()
+            return None
+        for part in _member_path(key).parts:
+            path = path / part
+            try:
+                mode = path.lstat().st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                log.warning("removing %s: a local copy holds only files and folders ser wrote", path)
+                path.unlink(missing_ok=True)
+                return None
+        return path if mode is not None and stat.S_ISREG(mode) else None
+
+    def span(self, key: str, start: int | None = None, end: int | None = None) -> bytes | None:
+        """Bytes [start:end) of `key`, or None (absent, unreadable, or not a regular file)."""
+        path = self._path(key)
+        if path is None:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:  # replaced meanwhile, or another user's file: fetched again
+            return None
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(f.fileno())
+            return _span(f, start, end, info.st_size) if stat.S_ISREG(info.st_mode) else None
+
+    async def read(self, key, start=None, end=None):
+        return self.span(key, start, end)
+
+    async def size(self, key):
+        path = self._path(key)
+        return None if path is None else path.stat().st_size
+
+    def file_span(self, key):
+        path = self._path(key)
+        return None if path is None else (str(path), 0, path.stat().st_size)
+
+    def writable(self, key: str) -> Path | None:
+        """Where `key` is written: its path, when its folders are real ones inside the root
+        (created as needed); None when a link or a file stands in the way."""
+        target = self.root.joinpath(*_member_path(key).parts)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return None
+        expected = os.path.join(os.path.realpath(self.root.parent), self.root.name, *target.parts[len(self.root.parts):-1])
+        return target if os.path.realpath(target.parent) == expected else None
+
+
 def check_zip(path: str, archive: zipfile.ZipFile) -> None:
     """Refuse members that could escape the archive ('..', absolute paths, symlinks) or that are
     ambiguous (the same name twice), before anything is read."""
@@ -220,6 +280,31 @@ class ZipSource(Source):
     def close(self):
         self.file.close()
         self.archive.close()
+
+
+class OverlaySource(Source):
+    """A source with some keys replaced: a staged copy seen with the zarr.json it will get, or
+    a store seen by zarr with the zarr.json the reader checked."""
+
+    def __init__(self, base: Source, extra: dict[str, bytes]):
+        self.base, self.extra = base, extra
+        self.location, self.kind = base.location, base.kind
+
+    async def read(self, key, start=None, end=None):
+        if key in self.extra:
+            data = self.extra[key]
+            first, last = byte_bounds(start, end, len(data))
+            return data[first:last]
+        return await self.base.read(key, start, end)
+
+    async def size(self, key):
+        return len(self.extra[key]) if key in self.extra else await self.base.size(key)
+
+    def file_span(self, key):
+        return None if key in self.extra else self.base.file_span(key)
+
+    def close(self):
+        self.base.close()
 
 
 class ShortBody(Exception):
@@ -464,7 +549,9 @@ class LocalCopy(Source):
     kept only while the remote zarr.json is byte-identical to the cached one (a rebuilt or
     extended store drops it). When the remote cannot be reached, the local copy is read alone.
     A downloaded file is kept only when it is whole (see `cut_off`): a short body is fetched
-    once more, and if still short, used for this read but never kept."""
+    once more, and if still short, used for this read but never kept. Only regular files ser
+    wrote are read from the copy (see `OwnFolder`), and a file the reader finds wrong is
+    `forget`-ten. `fetched` tells whether anything came from the remote since it was opened."""
 
     kind = "cached"
 
@@ -472,30 +559,60 @@ class LocalCopy(Source):
         self.remote = remote
         self.location = remote.location
         self.folder = Path(cache_dir) / hashlib.sha256(remote.location.encode()).hexdigest()[:16]
-        self.local = FolderSource(self.folder)
-        self.offline, self._warned = False, False
+        self.local = OwnFolder(self.folder)
+        self.offline, self.fetched, self._warned = False, False, False
+        self.root: bytes | None = None  # the zarr.json the copy is of; files are kept only beside it
         self._refresh()
 
     def _refresh(self) -> None:
-        cached = self.folder / ROOT
+        cached = self.local.span(ROOT)
         try:
             root = read_key(self.remote, ROOT)
         except StoreError as err:
-            if not cached.is_file():
+            if cached is None:
                 raise
             log.warning("%s; reading the local copy in %s", err, self.folder)
-            self.offline = True
+            self.offline, self.root = True, cached
             return
         if root is None:  # no store there any more: its old copy must not stand in for it
-            shutil.rmtree(self.folder, ignore_errors=True)
+            self.drop()
         elif cut_off(ROOT, root, None):
             return  # garbage or cut off: read remotely every time, so the reader names it
-        elif not cached.is_file() or cached.read_bytes() != root:
-            if self.folder.exists():
+        elif cached != root:
+            if cached is not None:
                 log.info("%s changed since it was cached; dropping the local copy", self.location)
-                shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(cached, root)
+            self.drop()
+            self.root = root
+            self._keep(ROOT, root)
+        else:
+            self.root = root
+
+    def drop(self) -> None:
+        """Forget the whole local copy (a link in its place is removed, never followed)."""
+        if self.folder.is_symlink():
+            self.folder.unlink()
+        else:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def forget(self, keys: list[str]) -> None:
+        """Remove the local files of `keys` (found wrong): the next read fetches them again."""
+        for key in keys:
+            path = self.local._path(key)
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+    def _keep(self, key: str, data: bytes) -> None:
+        if self.root is None or key != ROOT and self.local.span(ROOT) != self.root:
+            return  # another process holds the copy of another version of the store now
+        target = self.local.writable(key)
+        try:
+            if target is None:
+                raise OSError(f"a link or a file stands in the way of {key}")
+            write_atomic(target, data)
+        except OSError as err:  # a full or read-only cache costs speed, never the read
+            if not self._warned:
+                log.warning("cannot keep %s in %s (%s); reading remotely", key, self.folder, err)
+                self._warned = True
 
     async def read(self, key, start=None, end=None):
         local = await self.local.read(key, start, end)
@@ -504,6 +621,7 @@ class LocalCopy(Source):
         if self.offline:
             raise StoreError(f"{self.location} cannot be reached and {key} is not in the local copy "
                              f"{self.folder}")
+        self.fetched = True
         data = await self.remote.read(key)
         if data is None:
             return None
@@ -515,23 +633,16 @@ class LocalCopy(Source):
                 log.warning("%s/%s looks cut off (%s); not keeping it in %s", self.location, key,
                             problem, self.folder)
                 return None if data is None else _span(io.BytesIO(data), start, end, len(data))
-        target = self.folder.joinpath(*_member_path(key).parts)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            await asyncio.to_thread(write_atomic, target, data)
-        except OSError as err:  # a full or read-only cache costs speed, never the read
-            if not self._warned:
-                log.warning("cannot keep %s in %s (%s); reading remotely", key, self.folder, err)
-                self._warned = True
+        await asyncio.to_thread(self._keep, key, data)
         return _span(io.BytesIO(data), start, end, len(data))
 
     def _states_meta(self) -> dict | None:
         """The states' array metadata from the local copy of zarr.json (to check shard files)."""
         if getattr(self, "_states", None) is None:
             try:
-                root = json.loads((self.folder / ROOT).read_bytes())
+                root = json.loads(self.local.span(ROOT) or b"")
                 self._states = root["consolidated_metadata"]["metadata"][ARRAY]
-            except (OSError, ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError):
                 return None
         return self._states
 

@@ -126,6 +126,17 @@ class SourceStore(_store_base()):
                 return data[start - span_start:end - span_start]
         return None
 
+    def forget(self, keys: list[str]) -> None:
+        """Drop what is held of these files (their shard indexes, prefetched spans, checked
+        sizes): they were replaced."""
+        for key in keys:
+            self._sized.discard(key)
+        for cache in (self._suffixes, self._spans):
+            for held in [held for held in cache if held[0] in keys]:
+                data = cache.pop(held)
+                if cache is self._suffixes:
+                    self._suffix_bytes -= len(data)
+
     async def get_partial_values(self, prototype, key_ranges):
         return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
 

@@ -12,7 +12,8 @@ GET; once empty, requests are served normally (HEAD always is, but with the size
 - "gzip": the right bytes, gzip-compressed, with Content-Encoding: gzip;
 - "drip": the right answer, its body one byte per 0.1 s;
 - "drip-head": the status line, then one byte per 0.1 s of a header without end;
-- "redirect-loop", "redirect-file": a 302 to itself, or to file:///etc/passwd.
+- "redirect-loop", "redirect-file": a 302 to itself, or to file:///etc/passwd;
+- "from:/OTHER/PATH": the file at /OTHER/PATH instead (a store that changed on the server).
 `"*"` applies to every path. Every request is recorded in `server.log` as (method, path, what).
 """
 
@@ -69,7 +70,7 @@ class FaultyServer:
                     self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Drip: ")
                     self._drip(b"x" * 10**6)
                     return
-                file = server.root / self.path.lstrip("/")
+                file = server.root / (fault[5:] if fault.startswith("from:") else self.path).lstrip("/")
                 if not file.is_file():
                     self.send_response(404)
                     self.send_header("Content-Length", "0")

@@ -2,6 +2,7 @@
 tried again a bounded number of times, then refused in one line naming the URL; short bodies
 are fetched again and never kept in --cache-dir (reliability item 16)."""
 
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -241,3 +242,94 @@ def test_pooled_shards_are_bounded_by_their_chunk_shapes_too(tiny_model, corpus,
                        "chunk shape [1048576")
     finally:
         server.stop()
+
+
+# --- the local copy (--cache-dir): only what ser wrote, never two versions of a store mixed ------
+
+@pytest.fixture(scope="module")
+def rebuilt(store, tiny_model, corpus):
+    """Another build of the same audio beside `store` (layer 2 instead of 1; same utterances,
+    same shard layout): what the server holds after the store was rebuilt."""
+    out = store.parent / "b.zarr"
+    build_cache(BuildConfig(manifest=corpus, out=str(out), model=tiny_model, layers=2,
+                            shard_frames=256, chunk_frames=64, progress=False))
+    return out
+
+
+def copy_folder(cache_dir):
+    (folder,) = [p for p in cache_dir.iterdir()]
+    return folder
+
+
+def test_local_copy_reads_only_regular_files_it_wrote(store, rebuilt, server, tmp_path):
+    """What is found in the local copy instead of ser's own files is never read or written
+    through: a FIFO (a read would block forever), a link to another store's shard, a link to a
+    folder outside, a shard of another build. The reads are right and the copy ends up whole."""
+    url, cache_dir = f"{server.url}/s.zarr", tmp_path / "cache"
+    with open_cache(url, cache_dir=cache_dir) as reader:
+        [reader.read_raw(uid) for uid in reader.ids]
+    folder, outside = copy_folder(cache_dir), tmp_path / "outside"
+    outside.mkdir()
+    shards = sorted(p.relative_to(folder).as_posix() for p in (folder / "states" / "c").rglob("*") if p.is_file())
+    assert len(shards) >= 4
+    os.unlink(folder / shards[0])
+    os.mkfifo(folder / shards[0])
+    (folder / shards[1]).unlink()
+    (folder / shards[1]).symlink_to(rebuilt / shards[1])
+    shutil.rmtree((folder / shards[2]).parent)
+    (folder / shards[2]).parent.symlink_to(outside, target_is_directory=True)
+    (folder / shards[3]).write_bytes((rebuilt / shards[3]).read_bytes())
+    with open_cache(url, cache_dir=cache_dir) as reader:
+        assert bounded(lambda: {uid: reader.read_raw(uid).tobytes() for uid in reader.ids}) == local_states(store)
+    assert list(outside.iterdir()) == []
+    kept = kept_files(cache_dir)
+    assert set(shards) <= set(kept)
+    for name, data in kept.items():
+        assert data == (store / name).read_bytes(), name
+    assert not any(p.is_symlink() for p in folder.rglob("*"))
+
+
+def test_a_store_changed_on_the_server_is_never_read_mixed(store, rebuilt, server, tmp_path):
+    """The server swaps in another build between two reads: while a reader opens (zarr.json of
+    one build, the index of the other), or while it reads shards. Either is one line naming
+    the URL and saying it changed; nothing of the mix stays in --cache-dir."""
+    url, shards = f"{server.url}/s.zarr", shard_paths(store)
+    for cache_dir in (None, tmp_path / "cache"):
+        server.faults["/s.zarr/zarr.json"] = ["ok", "from:/b.zarr/zarr.json"]
+        server.faults["/s.zarr/index.parquet"] = ["from:/b.zarr/index.parquet"]
+        with pytest.raises(StoreError, match=f"{url} changed while it was being read"):
+            open_cache(url, cache_dir=cache_dir)
+        if cache_dir:
+            assert kept_files(cache_dir) == {}
+        server.faults.clear()
+        with open_cache(url, cache_dir=cache_dir) as reader:  # opened on build s, then it changes
+            reader.read_raw(reader.ids[0])
+            server.faults["/s.zarr/zarr.json"] = ["from:/b.zarr/zarr.json"] * 50
+            for path in shards:
+                server.faults[path] = [f"from:/b.zarr/{path.removeprefix('/s.zarr/')}"] * 50
+            with pytest.raises(StoreError, match=f"{url} changed while it was being read"):
+                [reader.read_raw(uid) for uid in reader.ids]
+        if cache_dir:
+            assert kept_files(cache_dir) == {}
+        server.faults.clear()
+
+
+def test_a_local_copy_shared_with_a_reader_of_another_version_keeps_only_its_own(store, rebuilt, server, tmp_path):
+    """Two processes share --cache-dir: one opened the store before it was rebuilt on the
+    server, the other after. The first never writes its files beside the second's zarr.json
+    (and its reads fail, named); the second reads right, and the copy holds only its build."""
+    url, cache_dir, shards = f"{server.url}/s.zarr", tmp_path / "cache", shard_paths(store)
+    old = open_cache(url, cache_dir=cache_dir)  # the first process, on build s
+    rebuild = {"/s.zarr/" + name: [f"from:/b.zarr/{name}"] * 50
+               for name in ["zarr.json", "index.parquet", "manifest.parquet"]}
+    rebuild.update({path: [f"from:/b.zarr/{path.removeprefix('/s.zarr/')}"] * 50 for path in shards})
+    server.faults.update(rebuild)
+    with open_cache(url, cache_dir=cache_dir) as new:  # the second process, on the rebuilt store
+        with pytest.raises(StoreError, match="changed while it was being read"):
+            [old.read_raw(uid) for uid in old.ids]  # what it fetches now is of the other build
+        with open_cache(rebuilt) as direct:
+            assert {uid: new.read_raw(uid).tobytes() for uid in new.ids} == {
+                uid: direct.read_raw(uid).tobytes() for uid in direct.ids}
+    old.close()
+    for name, data in kept_files(cache_dir).items():
+        assert data == (rebuilt / name).read_bytes(), name
