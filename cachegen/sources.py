@@ -103,7 +103,9 @@ def _span(f, start: int | None, end: int | None, size: int, *, offset: int = 0) 
 def _member_path(key: str) -> PurePosixPath:
     path = PurePosixPath(key)
     if path.is_absolute() or ".." in path.parts:
-        raise UnsafeInput(f"refusing key '{key}' that leaves the store")
+        raise UnsafeInput(f"refusing key '{key[:100]}' that leaves the store")
+    if any(len(part.encode()) > 255 for part in path.parts):  # no file system holds such a name
+        raise UnsafeInput(f"refusing key '{key[:100]}...' with a name over 255 bytes")
     return path
 
 

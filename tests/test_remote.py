@@ -333,3 +333,28 @@ def test_a_local_copy_shared_with_a_reader_of_another_version_keeps_only_its_own
     old.close()
     for name, data in kept_files(cache_dir).items():
         assert data == (rebuilt / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("name, expected", [("../../../outside", "cannot be opened"),
+                                            ("x" * 5000, "with a name over 255 bytes")])
+def test_names_from_the_server_never_leave_the_local_copy(name, expected, store, tmp_path):
+    """zarr.json names an extra node whose files would lie outside the store, or whose name no
+    disk holds: refused or named, in one line or as a problem, and nothing is written outside
+    the local copy (the server's names only ever become paths under it)."""
+    import json
+
+    www = tmp_path / "www"
+    shutil.copytree(store, www / "s.zarr")
+    root = json.loads((www / "s.zarr" / "zarr.json").read_text())
+    nodes = root["consolidated_metadata"]["metadata"]
+    nodes[name] = {"node_type": "group", "zarr_format": 3, "attributes": {}}
+    (www / "s.zarr" / "zarr.json").write_text(json.dumps(root))
+    before = sorted(p for p in tmp_path.rglob("*"))
+    server = FaultyServer(www)
+    try:
+        result = bounded(run_cli, "cache", "verify", f"{server.url}/s.zarr", "--cache-dir", tmp_path / "cache")
+    finally:
+        server.stop()
+    assert result.exit_code == 1 and "Traceback" not in result.stderr and expected in result.output + result.stderr
+    written = [p for p in tmp_path.rglob("*") if p not in before]
+    assert all(p.is_relative_to(tmp_path / "cache") for p in written), written
