@@ -89,6 +89,53 @@ def chunk_limits(location: str, name: str, array_meta: dict, *, shard: tuple[int
     return encoded, chunks * encoded + chunks * 16 + 4
 
 
+MAX_TABLE_BYTES = 2**30  # a store's index or manifest, decoded (a million rows take a few hundred MiB)
+
+
+def parquet_table(location: str, key: str, data: bytes) -> pa.Table:
+    """The table in `data` (a store's Parquet file), refused before its values are decoded
+    when they would take more than MAX_TABLE_BYTES: a Parquet bomb decodes from a few hundred
+    bytes into gigabytes (a long string in a dictionary, referenced by every row; billions of
+    rows of one run-length-encoded value). Text is read dictionary-encoded first, measured,
+    then decoded.
+
+    Raises:
+        UnsafeInput: too large decoded, or nested columns (a store's files hold flat ones).
+        pa.ArrowException, OSError: not a readable Parquet file."""
+    import pyarrow.compute as pc
+
+    buffer = arrow_owned(data)
+    schema = pq.ParquetFile(pa.BufferReader(buffer)).schema_arrow
+    nested = [f.name for f in schema if pa.types.is_nested(f.type)]
+    if nested:
+        raise UnsafeInput(f"{location}: refusing {key} with nested column '{nested[0]}' (a store's "
+                          "index and manifest hold flat columns)")
+    texts = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_binary(f.type)
+             or pa.types.is_large_string(f.type) or pa.types.is_large_binary(f.type)]
+    file = pq.ParquetFile(pa.BufferReader(buffer), read_dictionary=texts)
+    row = sum(8 if f.name in texts else max(1, _bit_width(f.type) // 8) for f in schema)
+    size = file.metadata.num_rows * row  # fixed-width values, and text offsets
+    if size <= MAX_TABLE_BYTES:
+        table = file.read(use_threads=False)
+        for column in table.columns:
+            if pa.types.is_dictionary(column.type):
+                for chunk in column.chunks:
+                    lengths = pc.binary_length(chunk.dictionary.cast(pa.large_binary()))
+                    size += pc.sum(pc.take(lengths, chunk.indices)).as_py() or 0
+    if size > MAX_TABLE_BYTES:
+        raise UnsafeInput(f"{location}: refusing {key}: its values would take {size / 2**20:.0f} MiB "
+                          f"decoded (at most {MAX_TABLE_BYTES // 2**20}); damaged or hostile")
+    return table.cast(pa.schema([f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f
+                                 for f in table.schema], metadata=table.schema.metadata))
+
+
+def _bit_width(kind: pa.DataType) -> int:
+    try:
+        return kind.bit_width
+    except ValueError:  # variable width (text is measured apart) or none (null)
+        return 64
+
+
 def _inner_codec(array_meta: dict) -> str | None:
     """How ser's fast local path decodes an inner chunk of the states: "none" (the bytes are the
     little-endian values), "blosc" or "zstd"; None for anything else (zarr then reads it)."""
@@ -395,7 +442,7 @@ class CacheReader:
         if data is None:
             return None
         try:
-            return pq.read_table(pa.BufferReader(arrow_owned(data)))
+            return parquet_table(self.location, key, data)
         except (pa.ArrowException, OSError) as err:
             raise StoreCorrupt(f"{self.location}: {key} cannot be read ({err})") from None
 

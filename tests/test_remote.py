@@ -358,3 +358,29 @@ def test_names_from_the_server_never_leave_the_local_copy(name, expected, store,
     assert result.exit_code == 1 and "Traceback" not in result.stderr and expected in result.output + result.stderr
     written = [p for p in tmp_path.rglob("*") if p not in before]
     assert all(p.is_relative_to(tmp_path / "cache") for p in written), written
+
+
+def test_parquet_bombs_are_refused_before_decoding(store, tmp_path, monkeypatch):
+    """A 4 KB index.parquet whose one 8 MiB string is referenced by 2000 rows (16 GB decoded),
+    and one of a million rows of a run-length-encoded zero: refused unread, in one line,
+    served over HTTP or from a folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cachegen import reader as reader_module
+
+    www = tmp_path / "www"
+    shutil.copytree(store, www / "s.zarr")
+    ids = pa.DictionaryArray.from_arrays(pa.array([0] * 2000, pa.int32()), pa.array(["x" * 2**23]))
+    pq.write_table(pa.table({"id": ids}), www / "s.zarr" / "index.parquet", store_schema=False,
+                   compression="zstd")
+    assert (www / "s.zarr" / "index.parquet").stat().st_size < 2**12
+    server = FaultyServer(www)
+    try:
+        one_error_line(bounded(run_cli, "cache", "info", f"{server.url}/s.zarr"),
+                       "refusing index.parquet: its values would take 16000 MiB decoded")
+    finally:
+        server.stop()
+    monkeypatch.setattr(reader_module, "MAX_TABLE_BYTES", 2**20)  # a test-sized limit
+    pq.write_table(pa.table({"start": pa.array([0] * 10**6, pa.int64())}), www / "s.zarr" / "index.parquet")
+    one_error_line(run_cli("cache", "info", www / "s.zarr"), "refusing index.parquet: its values would take 8 MiB")
