@@ -21,7 +21,7 @@ import numpy as np
 from .audio import SAMPLE_RATE, audio_seconds, load_audio
 from .errors import AudioError, ConfigError, StoreError, StoreMismatch
 from .lock import BuildLock, is_lock_file, region_lock
-from .manifest import Utterance, load_manifest
+from .manifest import Manifest, Utterance, load_manifest
 from .encoder import DEFAULT_MODEL, LoadedModel, load_model
 from .store import (COMPRESSIONS, FORMAT, FORMAT_VERSION, STORAGE_DTYPES, StoreWriter,
                     default_shard_frames, fingerprint_difference, is_store_folder, load_index,
@@ -199,10 +199,11 @@ def batches_in_order(utterances: list[Utterance], seconds: dict[str, float], bat
     return batches
 
 
-def prepare_store(config: BuildConfig, meta: dict, *, check_only: bool = False) -> None:
+def prepare_store(config: BuildConfig, meta: dict, manifest: Manifest, *, check_only: bool = False) -> None:
     """Check what is at --out before anything is written there: nothing, an empty folder, or
-    a ser store built the same way. With --overwrite a ser store is emptied (under the build
-    lock), and anything that is not one is refused, never deleted."""
+    a ser store built the same way from `manifest` or a manifest it extends. With --overwrite a
+    ser store is emptied (under the build lock), and anything that is not one is refused, never
+    deleted."""
     out = Path(config.out)
     if not out.exists():
         return
@@ -228,6 +229,18 @@ def prepare_store(config: BuildConfig, meta: dict, *, check_only: bool = False) 
     if difference:
         raise StoreMismatch(f"{out}: built differently ({difference}); pass --overwrite to "
                             "rebuild it, or choose another --out")
+    if check_only:  # the rest reads the index: under the build lock (a build may be writing it)
+        return
+    # a store's utterances only grow: a manifest lacking some would replace the store's table,
+    # and what teammates train on, with its own, leaving those utterances behind unlisted
+    listed = {u.id for u in manifest.utterances}
+    missing = sorted(uid for uid in load_index(out) if uid not in listed)
+    if missing:
+        named = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise StoreMismatch(f"{out}: holds {len(missing)} cached utterance(s) that {manifest.source} does "
+                            f"not list ({named}); a store is only ever extended: build into another "
+                            "--out, pass --overwrite to rebuild it from this manifest alone, or keep "
+                            "it and train on fewer utterances with `ser train --labels`")
 
 
 def take_locks(config: BuildConfig, rank: int, state) -> list[BuildLock]:
@@ -399,7 +412,7 @@ def build_cache(config: BuildConfig) -> BuildSummary:
     shard_frames = config.shard_frames or default_shard_frames(loaded.hidden_size, config.dtype,
                                                                config.resolved_chunk_frames)
     meta = store_meta(config, loaded, shard_frames)
-    prepare_store(config, meta, check_only=True)  # refused before a lock file is left there
+    prepare_store(config, meta, manifest, check_only=True)  # refused before a lock file is left there
     locks = take_locks(config, rank, state)
     try:
         return _build(config, manifest, loaded, meta, rank=rank, world=world, state=state, main=main)
@@ -421,7 +434,7 @@ def _build(config: BuildConfig, manifest, loaded: LoadedModel, meta: dict, *, ra
     from .pooled import PooledStack
     from .store import committed_count
 
-    prepare_store(config, meta)
+    prepare_store(config, meta, manifest)
     existing = read_meta(config.out) if Path(config.out).exists() else None
     if existing:  # resuming: keep the layout and the creation date
         if config.shard_frames and config.shard_frames != existing["shard_frames"]:

@@ -109,8 +109,20 @@ def test_second_build_is_refused_naming_the_first(tiny_model, tmp_path):
         one_line_error(result, "being built by another process", f"pid {proc.pid}", "cache build")
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
     assert len(open_cache(out)) == 40  # nothing of the first build was lost
-    assert build(second, tiny_model, out, "--shard-frames", 64).exit_code == 0
-    assert len(open_cache(out)) == 48
+    # once it is done, a manifest that lacks the store's utterances would replace the table that
+    # everyone trains on: refused, the store untouched; one that extends it adds its rows
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    one_line_error(build(second, tiny_model, out, "--shard-frames", 64),
+                   f"holds 40 cached utterance(s) that {second} does not list (utt0000, ", "--overwrite")
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
+    both = tmp_path / "both.csv"
+    rows = [line.replace(",wav/", f",{m.parent.name}/wav/") for m in (first, second)
+            for line in m.read_text().splitlines()[1:]]
+    both.write_text("\n".join([first.read_text().splitlines()[0], *rows]) + "\n")
+    result = build(both, tiny_model, out, "--shard-frames", 64)
+    assert result.exit_code == 0 and "40 were already cached" in result.output, result.output
+    reader = open_cache(out)
+    assert len(reader) == 48 and sorted(reader.table.column("id").to_pylist()) == sorted(reader.ids)
     assert run_cli("cache", "verify", out).exit_code == 0
 
 
