@@ -467,31 +467,29 @@ class CacheReader:
         if frames < 1 or start < 0:  # a damaged or hand-edited index: never an empty utterance
             raise StoreCorrupt(f"{self.location}: utterance '{uid}' has an impossible index row "
                                f"(start {start}, frames {frames}); run `ser cache verify`")
-        rows = self.states.metadata.chunk_grid.chunk_shape[0]
-        shards = range(start // rows, (start + frames - 1) // rows + 1)
-        return self._checked(lambda: self._read_checked(uid, start, frames, crc),
-                             [self._shard_key(shard) for shard in shards], shards)
+        try:  # the hot path: nothing more per read than the read and its check
+            return self._read_checked(uid, start, frames, crc)
+        except StoreCorrupt as err:
+            rows = self.states.metadata.chunk_grid.chunk_shape[0]
+            shards = range(start // rows, (start + frames - 1) // rows + 1)
+            return self._damaged(err, lambda: self._read_checked(uid, start, frames, crc),
+                                 [self._shard_key(shard) for shard in shards], shards)
 
-    def _checked(self, read, keys: list[str], shards=()):
-        """`read()`. When it finds damage: over the network, a store changed on the server is
-        named as such; from the local copy of a remote store, the files `keys` (and the mapped
-        `shards`) are dropped from the copy and read once more, and dropped again if they
-        still fail: the copy never keeps a file found wrong."""
-        try:
-            return read()
-        except StoreCorrupt:
-            copy = isinstance(self.source, LocalCopy)
-            if copy:
-                self._forget(keys, shards)
-            if copy and not self.source.offline:
+    def _damaged(self, err: StoreCorrupt, read, keys: list[str], shards=()):
+        """After `read()` found damage (`err`): over the network, a store changed on the server
+        is named as such; from the local copy of a remote store, the files `keys` (and the
+        mapped `shards`) are dropped from the copy and read once more, and dropped again if
+        they still fail: the copy never keeps a file found wrong."""
+        if isinstance(self.source, LocalCopy):
+            self._forget(keys, shards)
+            if not self.source.offline:
                 try:
                     return read()
-                except StoreCorrupt:
+                except StoreCorrupt as again:
+                    err = again
                     self._forget(keys, shards)
-                    self._check_unchanged()
-                    raise
-            self._check_unchanged()
-            raise
+        self._check_unchanged()
+        raise err
 
     def _forget(self, keys: list[str], shards) -> None:
         """Drop the local copy's files `keys`, and what this reader holds of them."""
@@ -554,9 +552,12 @@ class CacheReader:
         if uid not in self._rows:
             raise KeyError(f"{uid!r} is not in store {self.location}")
         slot = self._rows[uid][0] // self.meta["chunk_frames"]
-        shard = slot // self.pooled_array.metadata.chunk_grid.chunk_shape[0]
-        key = f"{POOLED}/{self.pooled_array.metadata.encode_chunk_key((shard, 0))}"
-        return self._checked(lambda: self._read_pooled(uid, slot), [key])
+        try:
+            return self._read_pooled(uid, slot)
+        except StoreCorrupt as err:
+            shard = slot // self.pooled_array.metadata.chunk_grid.chunk_shape[0]
+            key = f"{POOLED}/{self.pooled_array.metadata.encode_chunk_key((shard, 0))}"
+            return self._damaged(err, lambda: self._read_pooled(uid, slot), [key])
 
     def _read_pooled(self, uid: str, slot: int) -> np.ndarray:
         try:
