@@ -33,10 +33,26 @@ class EchoHandler(logging.Handler):
         click.echo(self.format(record), err=True)
 
 
+class OutPath(click.Path):
+    """A path to write: click.Path that refuses an empty or blank name (an unset shell variable
+    in `--out "$DIR"` would otherwise write into the current folder)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail(f"{value!r}: an empty name; name the file or folder to write", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def _set_threads(ctx, param, value: int | None) -> None:
     if value is not None:
+        import os
+
         import torch
 
+        cores = os.cpu_count() or 1
+        if value > cores:  # more threads than cores only wait for each other (and 10**20 overflows)
+            raise click.BadParameter(f"{value}: this machine has {cores} CPU cores; use at most {cores}",
+                                     ctx=ctx, param=param)
         torch.set_num_threads(value)
 
 
@@ -83,7 +99,7 @@ def cache() -> None:
 @click.option("--model", default="facebook/wav2vec2-base", show_default=True,
               help="Hub id or local folder of a Wav2Vec2, HuBERT, WavLM or data2vec-audio model.")
 @click.option("--layers", default=9, show_default=True, help="Lower transformer layers to cache.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Store folder.")
+@click.option("--out", required=True, type=OutPath(file_okay=False), help="Store folder.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32", "int8"]),
               default="float16", show_default=True,
               help="Storage dtype of the states (int8: per-frame scales, about half of float16's "
@@ -183,9 +199,9 @@ def cache_verify(store, cache_dir, repair):
 
 @cache.command("copy")
 @click.argument("src")
-@click.argument("dst")
+@click.argument("dst", type=OutPath())
 @STORAGE_OPTIONS
-@click.option("--jobs", default=4, show_default=True, help="Files fetched at once.")
+@click.option("--jobs", type=click.IntRange(min=1), default=4, show_default=True, help="Files fetched at once.")
 def cache_copy(src, dst, jobs):
     """Copy store SRC (folder, .zip or URL) to DST (folder, .zip or URL such as s3://...).
 
@@ -197,7 +213,7 @@ def cache_copy(src, dst, jobs):
 
 @cache.command("pack")
 @click.argument("store")
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("out", type=OutPath(dir_okay=False))
 def cache_pack(store, out):
     """Pack STORE into one zip OUT (stored, not deflated), verified; readable in place."""
     from cachegen.share import pack_store
@@ -258,7 +274,7 @@ _CLASS_OPTIONS = (
 @click.option("--top-layers", default=3, show_default=True, help="Transformer layers finetuned (K).")
 @click.option("--targets", default="activation,valence,dominance", show_default=True,
               help="Label columns to predict, comma-separated.")
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--out", default=None, type=OutPath(file_okay=False), help="Run directory.")
 @click.option("--resume", default=None, type=click.Path(file_okay=False, exists=True),
               help="Continue this run from its last epoch checkpoint, with the options it was "
                    "started with.")
@@ -351,7 +367,7 @@ _SWEPT = ("seeds", "top_layers", "lr", "head_lr", "dropout", "weight_decay", "wa
 @main.command("sweep")
 @click.option("--from-cache", "from_cache", default=None, help="Store every run trains from.")
 @click.option("--manifest", default=None, type=click.Path(dir_okay=False), help="Or: train from audio.")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
+@click.option("--out", required=True, type=OutPath(file_okay=False),
               help="Sweep folder: runs/, summary.csv, summary.md, summary.png.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False, exists=True),
               help="TOML file of training options; a list is an axis of the sweep.")
@@ -445,7 +461,7 @@ def sweep_command(out, config_file, folds, targets, loss_weights, label_range, n
 @click.option("--manifest", default=None, type=click.Path(dir_okay=False), help="Or: evaluate from audio.")
 @click.option("--split", default="test", show_default=True)
 @click.option("--labels", default=None, type=click.Path(dir_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=OutPath(file_okay=False))
 @click.option("--model", default=None, help="Base checkpoint, if moved since training.")
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--device", default=None)
@@ -475,7 +491,7 @@ def evaluate_command(**options):
 @click.argument("audio", nargs=-1, type=click.Path())
 @click.option("--manifest", default=None, type=click.Path(dir_okay=False))
 @click.option("--split", default=None)
-@click.option("--out", required=True, type=click.Path(dir_okay=False),
+@click.option("--out", required=True, type=OutPath(dir_okay=False),
               help="Predictions: .csv, or .parquet.")
 @click.option("--model", default=None, help="Base checkpoint, if moved since training.")
 @click.option("--batch-size", default=8, show_default=True)
@@ -500,7 +516,7 @@ def predict_command(audio, no_progress, **options):
 
 @main.command("export")
 @click.argument("run", type=click.Path(file_okay=False, exists=True))
-@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=OutPath(file_okay=False))
 @click.option("--model", default=None, help="Base checkpoint, if moved since training.")
 def export_command(run, out, model):
     """Write a self-contained model directory (whole network, LoRA merged)."""
@@ -522,7 +538,7 @@ def export_command(run, out, model):
 @click.option("--warmup-steps", default=2, show_default=True, help="Untimed steps first.")
 @click.option("--device", default=None)
 @click.option("--store", default=None, help="Reuse this store instead of building one.")
-@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write results here.")
+@click.option("--json", "json_out", default=None, type=OutPath(dir_okay=False), help="Write results here.")
 @_THREADS
 def bench_command(strategies, **options):
     """Measure every strategy side by side on identical batches (speed, memory, parameters)."""
@@ -534,7 +550,7 @@ def bench_command(strategies, **options):
 
 
 @main.command("demo")
-@click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", default="demo-output", show_default=True, type=OutPath(file_okay=False))
 @click.option("--epochs", default=8, show_default=True)
 @_THREADS
 def demo_command(out, epochs):
@@ -551,7 +567,7 @@ def analyze() -> None:
 
 @analyze.command("change")
 @click.argument("run", type=click.Path(file_okay=False, exists=True))
-@click.option("--out", required=True, type=click.Path(file_okay=False),
+@click.option("--out", required=True, type=OutPath(file_okay=False),
               help="Folder for change.csv, change.json, change.png.")
 @click.option("--manifest", default=None, type=click.Path(dir_okay=False),
               help="Audio for CKA (default: what the run trained from).")
@@ -582,7 +598,7 @@ def analyze_change_command(no_progress, **options):
 
 @analyze.command("probe")
 @click.argument("source")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
+@click.option("--out", required=True, type=OutPath(file_okay=False),
               help="Folder for probe.csv, probe.json, probe.png.")
 @click.option("--model", default=None, help="Model to run on a manifest's audio (default "
               "facebook/wav2vec2-base); with a store, checked against the store's weights.")
@@ -619,7 +635,7 @@ def prepare() -> None:
     """Turn a downloaded corpus into a manifest (id, path, split, labels)."""
 
 
-_OUT = click.option("--out", required=True, type=click.Path(dir_okay=False),
+_OUT = click.option("--out", required=True, type=OutPath(dir_okay=False),
                     help="Manifest to write: .csv, or .parquet.")
 _SKIP_MISSING = click.option("--skip-missing", is_flag=True,
                              help="Leave out labelled utterances whose audio is missing.")

@@ -28,6 +28,7 @@ from .store import (COMPRESSIONS, FORMAT, FORMAT_VERSION, STORAGE_DTYPES, StoreW
                     read_meta, to_storage)
 
 log = logging.getLogger(__name__)
+MAX_WORKERS = 256  # decoding threads of a build
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,9 @@ class BuildConfig:
                 parse_pooled_layers(self.pooled_layers, 10**6)  # the range is checked with the model
             except ValueError as err:
                 raise ConfigError(f"--pooled-layers {err}") from None
-        if self.workers is not None and self.workers < 0:
-            raise ConfigError(f"--workers {self.workers}: must be 0 or more")
+        if self.workers is not None and not 0 <= self.workers <= MAX_WORKERS:
+            # each decodes a batch ahead of the model: 10**6 would hold the whole corpus in memory
+            raise ConfigError(f"--workers {self.workers}: must be in 0..{MAX_WORKERS}")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ConfigError(f"--max-seconds {self.max_seconds}: must be more than 0 (0 on the "
                               "command line means no limit)")
@@ -89,7 +91,7 @@ class BuildConfig:
                 self.shard_frames % self.resolved_chunk_frames)):
             raise ConfigError(f"--shard-frames {self.shard_frames}: must be a multiple of "
                               f"chunk frames ({self.resolved_chunk_frames})")
-        if self.device:
+        if self.device is not None:  # '' too: not a device
             from .device import resolve_device
             resolve_device(self.device)
 

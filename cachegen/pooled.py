@@ -39,9 +39,11 @@ def parse_pooled_layers(value: str | None, num_layers: int) -> tuple[int, ...]:
     try:
         layers = sorted({int(v) for v in value.split(",") if v.strip()})
     except ValueError:
-        raise ValueError(f"{value!r}: expected 'all' or layer numbers such as 0,6,12") from None
+        layers = []
+    if not layers:
+        raise ValueError(f"{value!r}: expected 'all' or layer numbers such as 0,6,12")
     outside = [n for n in layers if not 0 <= n <= num_layers]
-    if outside or not layers:
+    if outside:
         raise ValueError(f"{value!r}: layers must lie in 0..{num_layers} (0 = the input of the "
                          "first transformer layer)")
     return tuple(layers)

@@ -21,6 +21,8 @@ from cachegen.device import resolve_device
 from cachegen.encoder import stable_layer_norm
 from cachegen.errors import ConfigError
 
+from .train import check_seed
+
 log = logging.getLogger(__name__)
 
 
@@ -164,6 +166,7 @@ class ChangeConfig:
             raise ConfigError("pass at most one of --manifest and --from-cache")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+        check_seed(self.seed)
         resolve_device(self.device)
         check_out(self.out, self.run)
 
@@ -318,13 +321,15 @@ def analyze_change(config: ChangeConfig, *, progress: bool = True) -> dict:
 
 def write_report(out: str, name: str, result: dict, rows: list[dict], plot) -> None:
     """`name`.json (the whole result), `name`.csv (one row per layer) and `name`.png in `out`."""
-    from .run import write_json
+    from .run import write_json, writing
 
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(result, folder / f"{name}.json")
-    write_rows(rows, folder / f"{name}.csv")
-    plot(result, str(folder / f"{name}.png"))
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(result, folder / f"{name}.json")
+        write_rows(rows, folder / f"{name}.csv")
+    with writing(folder / f"{name}.png"):
+        plot(result, str(folder / f"{name}.png"))
 
 
 def write_rows(rows: list[dict], path: Path) -> None:
@@ -441,8 +446,9 @@ class ProbeConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr {self.lr}: must be positive")
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"--lr {self.lr}: must be a finite number above 0")
+        check_seed(self.seed)
         resolve_device(self.device)
         check_out(self.out)
 

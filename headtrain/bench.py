@@ -49,6 +49,11 @@ class BenchConfig:
 
     def validate(self) -> None:
         from .spec import STRATEGIES, Strategy
+        if not self.strategies:
+            raise ConfigError(f"--strategies: name at least one of {', '.join(STRATEGIES)}")
+        twice = sorted({s for s in self.strategies if self.strategies.count(s) > 1})
+        if twice:
+            raise ConfigError(f"--strategies {','.join(self.strategies)}: {', '.join(twice)} named twice")
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown:
             raise ConfigError(f"--strategies: unknown {', '.join(unknown)}; choose from {', '.join(STRATEGIES)}")
@@ -56,14 +61,15 @@ class BenchConfig:
         if pooled:
             raise ConfigError(f"--strategies {pooled[0]}: trains on pooled means and runs no layer of "
                               "the model; bench compares strategies that run layers")
-        if self.top_layers < 1:
-            raise ConfigError(f"--top-layers {self.top_layers}: must be at least 1")
-        if self.steps < 1 or self.warmup_steps < 0 or self.batch_size < 1:
-            raise ConfigError("--steps and --batch-size must be at least 1, --warmup-steps at least 0")
+        if self.layers < 0:
+            raise ConfigError(f"--layers {self.layers}: must be 0 or more")
+        for name, least in (("top_layers", 1), ("steps", 1), ("batch_size", 1), ("warmup_steps", 0)):
+            if getattr(self, name) < least:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least {least}")
         if self.amp not in ("bf16", "fp16", "no"):
             raise ConfigError(f"--amp {self.amp!r}: choose bf16, fp16 or no")
-        resolve_device(self.device)
-        if self.amp == "fp16" and not (self.device or "").startswith("cuda") and not torch.cuda.is_available():
+        device = resolve_device(self.device)
+        if self.amp == "fp16" and not device.startswith("cuda"):
             raise ConfigError("--amp fp16 needs a CUDA GPU; on CPU use --amp bf16 or --amp no")
 
 
@@ -306,8 +312,13 @@ def bench(config: BenchConfig) -> dict:
     report = {"machine": machine_info(device), "config": asdict(config), "utterances": len(ids),
               "total_parameters": total_parameters, "results": results}
     if config.json_out:
-        Path(config.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(config.json_out).write_text(json.dumps(report, indent=2))
+        from cachegen.store import write_atomic
+
+        from .run import writing
+
+        with writing(Path(config.json_out)):
+            Path(config.json_out).parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(Path(config.json_out), json.dumps(report, indent=2).encode())
     tmp.cleanup()
     return report
 

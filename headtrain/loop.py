@@ -65,8 +65,9 @@ def fit(*, model, optimizer, scheduler, accelerator, loss_fn: Callable, epochs: 
     the last record's as `stale` (with its `best` score) and stops exactly where an
     uninterrupted one would.
 
-    A step whose loss is NaN/Inf is skipped (no update); MAX_BAD_STEPS in a row raise
-    TrainingDiverged, so a NaN never reaches a checkpoint.
+    A step whose loss is NaN/Inf is skipped (no update); MAX_BAD_STEPS in a row, or weights
+    that are NaN/Inf at the end of an epoch, raise TrainingDiverged, so a NaN never reaches a
+    checkpoint.
     """
     from tqdm import tqdm
 
@@ -99,6 +100,12 @@ def fit(*, model, optimizer, scheduler, accelerator, loss_fn: Callable, epochs: 
             seen += len(batch.ids)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         seconds = time.perf_counter() - started
+        broken = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if broken:  # a finite loss can still step the weights to Inf (a huge --lr): they stay broken
+            raise TrainingDiverged(
+                f"the weights became NaN/Inf in epoch {epoch + 1} ({broken[0]}"
+                f"{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}); lower --lr, "
+                "--head-lr or --weight-decay; the best checkpoint so far is kept")
         seen = int(accelerator.reduce(torch.tensor(seen, device=accelerator.device), "sum"))
         dev = evaluate()
         record = {"epoch": epoch + 1, "train_loss": loss_sum / steps if steps else None,

@@ -49,6 +49,9 @@ class PredictConfig:
             raise ConfigError(f"--workers {self.workers}: must be at least 1")
         if Path(self.out).suffix.lower() not in OUTPUT_FORMATS:
             raise ConfigError(f"--out {self.out}: name a .csv or .parquet file")
+        if self.manifest and Path(self.out).resolve() == Path(self.manifest).resolve():
+            raise ConfigError(f"--out {self.out}: that is --manifest itself; write the predictions "
+                              "to another file")
         resolve_device(self.device)
 
 

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from itertools import product
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cachegen.errors import ConfigError
+from cachegen.errors import ConfigError, SerError
 
 from .train import TrainConfig
 
@@ -293,10 +294,6 @@ def sweep(config: SweepConfig) -> SweepResult:
         >>> sweep(SweepConfig(out="sweeps/k", train={"from_cache": "msp.zarr", "epochs": 5},
         ...                   grid={"top_layers": [1, 2, 3], "seed": [0, 1, 2]}))  # doctest: +SKIP
     """
-    from .evaluate import EvaluateConfig, evaluate
-    from .run import write_json
-    from .train import check_top_layers, train
-
     config.validate()
     out = Path(config.out)
     shared = TrainConfig(out=str(out), **config.train)
@@ -308,7 +305,23 @@ def sweep(config: SweepConfig) -> SweepResult:
 
         source = CacheSource(open_cache(shared.from_cache, cache_dir=shared.cache_dir), preload=shared.preload)
     reader = source.reader if source else None
+    created = not out.exists()
+    try:
+        return _sweep(config, out, shared, source, reader)
+    except SerError:
+        # refused before any run trained (a target, split or model a run's data lacks): leave
+        # no folder behind, whose sweep.json would refuse the corrected command as another sweep
+        if created and not any((Path(r) / "config.json").is_file() for r in out.glob(f"{RUNS}/*")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _sweep(config: SweepConfig, out: Path, shared: TrainConfig, source, reader) -> SweepResult:
+    """`sweep` once the store is open."""
     from . import folds
+    from .evaluate import EvaluateConfig, evaluate
+    from .run import write_json, writing
+    from .train import check_top_layers, train
 
     fold_plan = None
     if config.folds:
@@ -319,11 +332,12 @@ def sweep(config: SweepConfig) -> SweepResult:
             check_top_layers(run.config, layers=reader.meta["num_hidden_layers"],
                              cache_layer=reader.meta["layers"])
     check_same_sweep(config, out / "sweep.json")
-    out.mkdir(parents=True, exist_ok=True)
     held_out = [{"fold": f.name, "test": f.test, "dev": f.dev} for f in fold_plan or []]
-    write_json({"train": config.train, "grid": config.grid, "folds": config.folds,
-                "fold_rule": folds.FOLD_RULE if fold_plan else None, "held_out": held_out,
-                "runs": [{"name": r.name, "values": r.values} for r in runs]}, out / "sweep.json")
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        write_json({"train": config.train, "grid": config.grid, "folds": config.folds,
+                    "fold_rule": folds.FOLD_RULE if fold_plan else None, "held_out": held_out,
+                    "runs": [{"name": r.name, "values": r.values} for r in runs]}, out / "sweep.json")
     if fold_plan:
         log.info("folds by %s: %s", config.folds, "; ".join(
             f"fold {f.name}: test {f.test}, dev {f.dev}, train the rest" for f in fold_plan))

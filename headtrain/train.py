@@ -18,6 +18,13 @@ from .spec import ModelSpec, Strategy
 
 log = logging.getLogger(__name__)
 AMP_CHOICES = ("bf16", "fp16", "no")
+SEED_MAX = 2**32 - 1  # numpy's seeding (accelerate's set_seed seeds it too) takes 0 .. 2**32 - 1
+
+
+def check_seed(seed: int) -> None:
+    """Raises ConfigError unless `seed` is one every random generator ser seeds accepts."""
+    if not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"--seed {seed}: must be in 0..{SEED_MAX}")
 CLASS_WEIGHTS = ("none", "balanced")
 
 
@@ -109,7 +116,7 @@ class TrainConfig:
             from .targets import parse_classes
 
             parse_classes(self.classes)
-        if self.log_with:
+        if self.log_with is not None:  # '' too: accelerate refuses it with a traceback
             from .tracking import check_tracker
 
             check_tracker(self.log_with)
@@ -151,6 +158,7 @@ class TrainConfig:
             raise ConfigError(f"--early-stop {self.early_stop}: must be at least 1 (epochs without a gain)")
         if self.workers < 0:
             raise ConfigError(f"--workers {self.workers}: must be 0 or more")
+        check_seed(self.seed)
         if self.label_range and not all(map(math.isfinite, self.label_range)):
             raise ConfigError(f"--label-range {self.label_range}: LOW and HIGH must be finite numbers")
         device = self.resolved_device

@@ -2,7 +2,7 @@
 
 import pytest
 
-from helpers import run_cli
+from helpers import build_pooled, one_error_line, run_cli
 
 
 @pytest.mark.parametrize("args,message", [
@@ -75,3 +75,107 @@ def test_bad_build_options_are_refused_before_any_work(args, message, tiny_model
     assert result.exit_code == 1, result.output
     assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "s").exists()
+
+
+# --- every command's options, walked with hostile values (issue: option review) -------------
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--from-cache", "{store}", "--top-layers", "2", "--seed", "-1", "--out", "{out}"],
+     "--seed -1: must be in 0..4294967295"),
+    (["train", "--from-cache", "{store}", "--top-layers", "2", "--seed", str(2**32), "--out", "{out}"],
+     "--seed 4294967296: must be in 0..4294967295"),
+    (["sweep", "--from-cache", "{store}", "--seeds", "0,-1", "--out", "{out}"], "--seed -1: must be in"),
+    (["analyze", "probe", "{store}", "--seed", "-1", "--out", "{out}"], "--seed -1: must be in"),
+    (["analyze", "probe", "{store}", "--lr", "inf", "--out", "{out}"], "--lr inf: must be a finite number above 0"),
+    (["train", "--from-cache", "{store}", "--top-layers", "2", "--log-with", "", "--out", "{out}"],
+     "--log-with '': choose one of"),
+    (["bench", "--manifest", "{corpus}", "--strategies", ",", "--json", "{out}"],
+     "--strategies: name at least one of"),
+    (["bench", "--manifest", "{corpus}", "--strategies", "cached,partial,cached", "--json", "{out}"],
+     "--strategies cached,partial,cached: cached named twice"),
+    (["bench", "--manifest", "{corpus}", "--layers", "-1", "--json", "{out}"], "--layers -1: must be 0 or more"),
+    (["bench", "--manifest", "{corpus}", "--warmup-steps", "-1", "--json", "{out}"],
+     "--warmup-steps -1: must be at least 0"),
+    (["cache", "build", "{corpus}", "--workers", str(10**6), "--out", "{out}"], "--workers 1000000: must be in 0..256"),
+    (["cache", "build", "{corpus}", "--device", "", "--out", "{out}"], "--device '': not a device"),
+    (["cache", "build", "{corpus}", "--pooled-layers", ",", "--out", "{out}"],
+     "--pooled-layers ',': expected 'all' or layer numbers such as 0,6,12"),
+])
+def test_out_of_range_and_empty_values_are_one_line_errors(args, message, built_store, corpus, tmp_path):
+    """Values that ended in a library's traceback (numpy's seed range, accelerate's tracker
+    name), ran nothing (an empty strategy list) or were silently changed (decoding threads
+    without bound, an empty device meaning the default) are refused before any work."""
+    result = run_cli(*[a.format(store=built_store, corpus=corpus, out=tmp_path / "o") for a in args])
+    one_error_line(result, message)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args,option", [
+    (["cache", "copy", "{store}", ""], "DST"),
+    (["cache", "build", "{corpus}", "--out", " "], "--out"),
+    (["evaluate", "{tmp}", "--from-cache", "{store}", "--out", ""], "--out"),
+    (["export", "{tmp}", "--out", ""], "--out"),
+    (["train", "--from-cache", "{store}", "--out", " "], "--out"),
+    (["analyze", "probe", "{store}", "--out", ""], "--out"),
+    (["prepare", "folder", "{tmp}", "--out", ""], "--out"),
+    (["cache", "copy", "{store}", "{tmp}/c", "--jobs", "0"], "--jobs"),
+    (["evaluate", "{tmp}", "--from-cache", "{store}", "--out", "{tmp}/o", "--threads", str(10**20)], "--threads"),
+])
+def test_empty_output_names_and_impossible_counts_are_usage_errors(args, option, built_store, corpus, tmp_path,
+                                                                  monkeypatch):
+    """An empty --out (an unset shell variable) wrote into the current folder; --jobs 0 was
+    taken as 1; --threads 10**20 overflowed in torch."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    result = run_cli(*[a.format(store=built_store, corpus=corpus, tmp=tmp_path) for a in args])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}'" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert list(cwd.iterdir()) == [] and not (tmp_path / "c").exists() and not (tmp_path / "o").exists()
+
+
+def test_training_whose_weights_overflow_stops_with_one_line(built_store, tmp_path):
+    """A finite loss can step the weights to Inf (a huge learning rate); that was a ValueError
+    from the checkpoint writer."""
+    result = run_cli("train", "--from-cache", built_store, "--top-layers", 2, "--epochs", 1, "--lr", "1e308",
+                     "--out", tmp_path / "r", "--no-progress")
+    line = one_error_line(result, "the weights became NaN/Inf in epoch 1", "lower --lr")
+    assert "encoder.layers." in line
+    assert not (tmp_path / "r" / "model.safetensors").exists()
+
+
+def test_predict_never_writes_over_its_manifest(corpus, tmp_path):
+    import shutil
+
+    manifest = tmp_path / "m.csv"
+    shutil.copy(corpus, manifest)
+    before = manifest.read_bytes()
+    result = run_cli("predict", tmp_path, "--manifest", manifest, "--out", manifest)
+    one_error_line(result, f"--out {manifest}: that is --manifest itself")
+    assert manifest.read_bytes() == before
+
+
+def test_sweep_refused_before_any_run_leaves_no_folder_and_the_fix_runs(built_store, tmp_path):
+    """A sweep whose first run is refused (a target the store lacks) left sweep.json behind,
+    and that refused the corrected command as 'another sweep'."""
+    out = tmp_path / "s"
+    args = ["sweep", "--from-cache", built_store, "--top-layers", "1,2", "--epochs", 1, "--out", out, "--no-progress"]
+    one_error_line(run_cli(*args, "--targets", "activation,bogus"), "no label column(s) bogus")
+    assert not out.exists()
+    result = run_cli(*args, "--targets", "activation")
+    assert result.exit_code == 0, result.output
+    assert (out / "summary.csv").is_file()
+    one_error_line(run_cli(*args[:-3], "--out", "/proc/ser-no/such", "--no-progress"),
+                   "/proc/ser-no/such: cannot be written")
+
+
+@pytest.mark.parametrize("command", ["probe", "bench"])
+def test_unwritable_report_is_one_line(command, tiny_model, corpus, tmp_path):
+    """analyze and bench made their output folder unguarded: a traceback at the end of the work."""
+    if command == "probe":
+        args = ["analyze", "probe", build_pooled(corpus, tiny_model, tmp_path / "p.zarr"), "--out", "/proc/ser-no/such", "--no-progress"]
+    else:
+        args = ["bench", "--manifest", corpus, "--model", tiny_model, "--layers", 2, "--top-layers", 1,
+                "--strategies", "cached", "--steps", 1, "--warmup-steps", 0, "--batch-size", 2,
+                "--json", "/proc/ser-no/such.json"]
+    one_error_line(run_cli(*args), "/proc/ser-no/such", "cannot be written")
