@@ -267,8 +267,13 @@ def _copy_store(source: str | Path, destination: str | Path, *, jobs: int = 4) -
 
     started = time.perf_counter()
     source, destination = str(source), str(destination)
-    if not URL.search(source + destination) and Path(source).resolve() == Path(destination).resolve():
-        raise ConfigError(f"{destination} is the source itself; choose another destination")
+    if not URL.search(source + destination):
+        src, dst = Path(source).resolve(), Path(destination).resolve()
+        if dst == src:
+            raise ConfigError(f"{destination} is the source itself; choose another destination")
+        if dst.is_relative_to(src):
+            raise ConfigError(f"{destination} is inside the source store {source}; choose a "
+                              "destination outside it")
     with open_cache(source) as reader:  # refuses unsafe or unfinished stores before any copying
         keys = [key for key in reader.keys() if key != ROOT]
         shards = set(reader.shard_keys())

@@ -111,6 +111,9 @@ class EvaluateConfig:
         from cachegen.device import resolve_device
         if bool(self.from_cache) == bool(self.manifest):
             raise ConfigError("pass exactly one of --from-cache STORE or --manifest MANIFEST")
+        if self.audio_root and self.from_cache:
+            raise ConfigError(f"--audio-root {self.audio_root}: resolves a manifest's audio paths, "
+                              "and a store's states need none; drop it")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
         resolve_device(self.device)

@@ -169,13 +169,27 @@ def writing(path: Path, *, hint: str = ""):
                           f"choose a writable place{hint}") from None
 
 
+def refuse_store_output(path: Path, *, option: str) -> None:
+    """Refuse an output folder that holds a ser store (its zarr.json): a run, a sweep, an
+    evaluation or an export written there would mix their files with the store's.
+
+    Raises:
+        ConfigError: naming the option and the folder.
+    """
+    if (path / "zarr.json").is_file():
+        raise ConfigError(f"{option} {path}: holds a store (zarr.json); write into another folder "
+                          "(nothing was changed)")
+
+
 def refuse_run_output(path: Path, *, option: str) -> None:
-    """Refuse output of another command (evaluate, export) that would land in a run
-    directory's own files: `path` is a run directory, or one of a run's files or folders.
+    """Refuse output of another command (evaluate, export, sweep) that would land in a store
+    or in a run directory's own files: `path` holds a store, is a run directory, or one of a
+    run's files or folders.
 
     Raises:
         ConfigError: naming the option, the run and where to write instead.
     """
+    refuse_store_output(path, option=option)
     run_dir = path if is_run_dir(path) else path.parent if path.name in RUN_FILES and is_run_dir(path.parent) else None
     if run_dir is not None:
         raise ConfigError(f"{option} {path}: would write into the files of the training run in "

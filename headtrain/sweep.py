@@ -26,7 +26,7 @@ import numpy as np
 
 from cachegen.errors import ConfigError, SerError
 
-from .train import TrainConfig
+from .train import TrainConfig, ignored_options
 
 log = logging.getLogger(__name__)
 RUNS = "runs"
@@ -213,6 +213,11 @@ def plan_runs(config: SweepConfig, *, folds: list | None = None) -> list[Planned
                 if fold is not None:
                     options.update(fold.train_options)
                 train_config = TrainConfig(out=str(Path(config.out) / RUNS / name), **options)
+                # a shared option (--lora-rank with --strategy cached,lora) applies to the runs
+                # whose strategy reads it; an axis of values no run reads is still refused
+                unread = [n for n in ignored_options(train_config) if n not in values]
+                train_config = replace(train_config, **{n: TrainConfig.__dataclass_fields__[n].default
+                                                        for n in unread})
                 train_config.validate()
                 runs.append(PlannedRun(name=name, values=values, config=train_config))
     return runs
@@ -294,8 +299,11 @@ def sweep(config: SweepConfig) -> SweepResult:
         >>> sweep(SweepConfig(out="sweeps/k", train={"from_cache": "msp.zarr", "epochs": 5},
         ...                   grid={"top_layers": [1, 2, 3], "seed": [0, 1, 2]}))  # doctest: +SKIP
     """
+    from .run import refuse_run_output
+
     config.validate()
     out = Path(config.out)
+    refuse_run_output(out, option="--out")
     shared = TrainConfig(out=str(out), **config.train)
     source = None
     if shared.from_cache:  # once: every run is checked against it before any trains, then shares it

@@ -28,6 +28,22 @@ def check_seed(seed: int) -> None:
 CLASS_WEIGHTS = ("none", "balanced")
 
 
+# Options that only some strategies read: given another value than the default with another
+# strategy, they would be ignored without a word.
+READ_BY = {"lora_rank": lambda s: s is Strategy.LORA, "lora_alpha": lambda s: s is Strategy.LORA}
+
+
+def ignored_options(config: TrainConfig) -> list[str]:
+    """The fields of `config` set to another value than the default that its strategy never
+    reads (READ_BY)."""
+    from dataclasses import fields
+
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    strategy = config.resolved_strategy
+    return [name for name, reads in READ_BY.items()
+            if not reads(strategy) and getattr(config, name) != defaults[name]]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Options of `ser train`; `validate` checks every cross-field rule before work starts."""
@@ -154,6 +170,14 @@ class TrainConfig:
         for name in ("lora_rank", "lora_alpha"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        ignored = [] if self.resume else ignored_options(self)  # a saved run trains as it was started
+        if ignored:
+            name = ignored[0]
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: --strategy {strategy} "
+                              "does not use it; drop it")
+        if self.audio_root and self.from_cache and not self.resume:
+            raise ConfigError(f"--audio-root {self.audio_root}: resolves a manifest's audio paths, "
+                              "and a store's states need none; drop it")
         if self.early_stop is not None and self.early_stop < 1:
             raise ConfigError(f"--early-stop {self.early_stop}: must be at least 1 (epochs without a gain)")
         if self.workers < 0:
@@ -243,6 +267,10 @@ def load_targets(config: TrainConfig, table, table_name: str, available: set[str
     from .targets import class_order, make_targets, parse_classes
 
     categorical = categorical_columns(table, list(config.targets))
+    if config.class_weights != "none" and not categorical:
+        raise ConfigError(f"--class-weights {config.class_weights}: weighs the classes of a categorical "
+                          f"target (a text column such as emotion); {', '.join(config.targets)} are "
+                          "numeric: drop it")
     class_map = None
     if config.classes:
         if len(categorical) != 1:
@@ -293,10 +321,11 @@ def train(config: TrainConfig, *, source=None) -> TrainResult:
     """
     from accelerate import Accelerator
 
-    from .run import output_lock
+    from .run import output_lock, refuse_store_output
 
     config.validate()
     run_dir = Path(config.out)
+    refuse_store_output(run_dir, option="--out")
     accelerator = Accelerator(mixed_precision=config.resolved_amp, cpu=config.resolved_device == "cpu",
                               log_with=config.log_with, project_dir=str(run_dir) if config.log_with else None)
     # one training writes a folder at a time: a second one (or a resume of the same run) would

@@ -1,5 +1,6 @@
 """Training, evaluation and prediction options and labels are checked before any work (issue 11)."""
 
+import numpy as np
 import pytest
 
 from helpers import build_pooled, one_error_line, run_cli
@@ -179,3 +180,102 @@ def test_unwritable_report_is_one_line(command, tiny_model, corpus, tmp_path):
                 "--strategies", "cached", "--steps", 1, "--warmup-steps", 0, "--batch-size", 2,
                 "--json", "/proc/ser-no/such.json"]
     one_error_line(run_cli(*args), "/proc/ser-no/such", "cannot be written")
+
+
+# --- an output that is an input is refused, nothing written --------------------------------
+
+def _snapshot(folder):
+    return {p: p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("command", ["train", "sweep", "evaluate", "export"])
+def test_no_command_writes_into_a_store(command, built_store, tmp_path):
+    """train and sweep wrote their run files and summaries into a store's folder."""
+    import shutil
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(built_store, store)
+    before = _snapshot(store)
+    run = tmp_path / "run"
+    run.mkdir()
+    args = {"train": ["train", "--from-cache", store, "--top-layers", 2, "--epochs", 1],
+            "sweep": ["sweep", "--from-cache", store, "--top-layers", "1,2", "--epochs", 1],
+            "evaluate": ["evaluate", run, "--from-cache", store],
+            "export": ["export", run]}[command]
+    one_error_line(run_cli(*args, "--out", store), f"--out {store}: holds a store (zarr.json)")
+    assert _snapshot(store) == before
+
+
+def test_sweep_never_writes_into_a_run(built_store, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("train", "--from-cache", built_store, "--top-layers", 2, "--epochs", 1, "--out", run,
+                   "--no-progress").exit_code == 0
+    before = _snapshot(run)
+    result = run_cli("sweep", "--from-cache", built_store, "--top-layers", "1,2", "--epochs", 1, "--out", run)
+    one_error_line(result, f"--out {run}: would write into the files of the training run")
+    assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("command", ["copy", "pack"])
+def test_a_store_is_never_copied_into_itself(command, built_store, tmp_path):
+    import shutil
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(built_store, store)
+    before = _snapshot(store)
+    inside = store / ("sub.zarr" if command == "copy" else "s.zip")
+    one_error_line(run_cli("cache", command, store, inside), f"{inside} is inside the source store {store}")
+    assert _snapshot(store) == before
+
+
+def test_prepare_never_writes_over_the_labels_it_reads(tmp_path):
+    import soundfile as sf
+
+    root = tmp_path / "clips"
+    root.mkdir()
+    sf.write(root / "a.wav", np.zeros(1600, dtype=np.float32), 16000)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,activation\na,3\n")
+    result = run_cli("prepare", "folder", root, "--labels", labels, "--out", labels)
+    one_error_line(result, f"--out {labels}: that is {labels}, which this command reads")
+    assert labels.read_text() == "id,activation\na,3\n"
+
+
+# --- an option nothing reads is refused, not silently ignored --------------------------------
+
+@pytest.mark.parametrize("args,message", [
+    (["--from-cache", "{store}", "--top-layers", "2", "--lora-rank", "4"],
+     "--lora-rank 4: --strategy cached does not use it; drop it"),
+    (["--from-cache", "{store}", "--top-layers", "2", "--lora-alpha", "32"],
+     "--lora-alpha 32: --strategy cached does not use it"),
+    (["--from-cache", "{store}", "--top-layers", "2", "--audio-root", "{tmp}"],
+     "--audio-root {tmp}: resolves a manifest's audio paths, and a store's states need none"),
+    (["--from-cache", "{store}", "--top-layers", "2", "--class-weights", "balanced"],
+     "--class-weights balanced: weighs the classes of a categorical target"),
+])
+def test_an_option_the_training_never_reads_is_refused(args, message, built_store, corpus, tiny_model, tmp_path):
+    values = dict(store=built_store, corpus=corpus, model=tiny_model, tmp=tmp_path)
+    result = run_cli("train", *[a.format(**values) for a in args], "--epochs", 1, "--out", tmp_path / "r")
+    one_error_line(result, message.format(**values))
+    assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_refuses_an_audio_root_a_store_does_not_read(built_store, tmp_path):
+    result = run_cli("evaluate", tmp_path, "--from-cache", built_store, "--audio-root", tmp_path, "--out", tmp_path / "e")
+    one_error_line(result, f"--audio-root {tmp_path}: resolves a manifest's audio paths")
+
+
+def test_sweep_applies_a_shared_strategy_option_only_to_the_runs_that_read_it(built_store, tmp_path):
+    """--lora-rank 4 shared by --strategy cached,lora is LoRA's; the cached run keeps the default."""
+    import json
+
+    out = tmp_path / "s"
+    result = run_cli("sweep", "--from-cache", built_store, "--strategy", "cached,lora", "--top-layers", 1,
+                     "--lora-rank", 4, "--epochs", 1, "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    saved = {p.parent.name: json.loads(p.read_text())["config"] for p in (out / "runs").glob("*/config.json")}
+    ranks = {config["strategy"]: config["lora_rank"] for config in saved.values()}
+    assert ranks == {"cached": 8, "lora": 4}
+    result = run_cli("sweep", "--from-cache", built_store, "--strategy", "cached", "--lora-rank", "4,8",
+                     "--top-layers", 1, "--epochs", 1, "--out", tmp_path / "s2")
+    one_error_line(result, "--lora-rank 4: --strategy cached does not use it")

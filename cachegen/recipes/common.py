@@ -55,8 +55,13 @@ def number_cell(text: str, *, field: str, where: str) -> str:
     return str(number)
 
 
-def check_out(out: Path) -> None:
-    """Refuse an output name the cache builder would not read, before any work."""
+def check_out(out: Path, *, reads: tuple = ()) -> None:
+    """Refuse an output name the cache builder would not read, or one of the files `reads`
+    (the labels table), before any work."""
+    for source in reads:
+        if source is not None and out.resolve() == Path(source).resolve():
+            raise ConfigError(f"--out {out}: that is {source}, which this command reads; write "
+                              "the manifest to another file")
     if out.suffix.lower() not in (".csv", ".parquet"):
         raise ConfigError(f"--out {out}: a manifest ends with .csv or .parquet")
     if out.is_dir():

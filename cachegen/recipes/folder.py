@@ -108,7 +108,7 @@ def prepare_folder(root: str | Path, *, out: str | Path, labels: str | Path | No
     if rule.column and labels is None:
         raise ConfigError(f"--split column:{rule.column} needs --labels, the table holding "
                           "that column")
-    check_out(out)
+    check_out(out, reads=(labels,))
 
     header, records = ["id"], []
     if labels is not None:

@@ -87,7 +87,7 @@ def prepare_msp_podcast(root: str | Path, *, out: str | Path,
         >>> prepare_msp_podcast("/data/MSP-Podcast", out="msp.csv")  # doctest: +SKIP
     """
     root, out = Path(root), Path(out)
-    check_out(out)
+    check_out(out, reads=tuple(root / "Labels" / f"labels_consensus.{kind}" for kind in ("csv", "json")))
     source, records = _labels(root)
     audio_dir = root / "Audios"
     if not audio_dir.is_dir():
