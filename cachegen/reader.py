@@ -89,6 +89,8 @@ def chunk_limits(location: str, name: str, array_meta: dict, *, shard: tuple[int
     return encoded, chunks * encoded + chunks * 16 + 4
 
 
+# utterances whose mapped view a reader keeps (about 300 bytes each: 80 MB at most)
+MAX_VIEWS = 2**18
 MAX_TABLE_BYTES = 2**30  # a store's index or manifest, decoded (a million rows take a few hundred MiB)
 
 
@@ -178,6 +180,7 @@ class LocalShards:
         self._shards: OrderedDict[int, tuple[np.ndarray, list[int], list[int], list[int]]] = OrderedDict()
         self._files: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
+        self.on_unmap = lambda: None  # called when maps are dropped: views of them must go too
 
     @classmethod
     def for_array(cls, source: Source, array_meta: dict, key_of) -> "LocalShards | None":
@@ -254,6 +257,7 @@ class LocalShards:
             self._shards[shard] = entry
             while len(self._shards) > self.maps:  # arrays still viewing a dropped map keep it alive
                 self._shards.popitem(last=False)
+                self.on_unmap()
         return entry
 
     def forget(self, shards) -> None:
@@ -261,6 +265,7 @@ class LocalShards:
         with self._lock:
             for shard in shards:
                 self._shards.pop(shard, None)
+        self.on_unmap()
 
     def _copy_rows(self, shard: int, low: int, high: int, out: np.ndarray) -> bool:
         """Rows [low, high) of shard `shard` into `out`; False when the shard is not local."""
@@ -391,6 +396,13 @@ class CacheReader:
         self.index: pa.Table = index
         self._layout = shard_layout(consolidated[ARRAY]) if self.source.kind == "fsspec" else None
         self._local = LocalShards.for_array(self.source, consolidated[ARRAY], self._shard_key)
+        # uid -> (view of a mapped shard, crc) of utterances read before: reading one again
+        # costs its checksum and a dict lookup, the least Python under the GIL per read, which
+        # is what lets reads scale with threads (docs/benchmarks.md, "Feeding a GPU")
+        self._views: dict[str, tuple[np.ndarray, int]] = {}
+        if self._local:
+            self._local.on_unmap = self._views.clear
+        self._as_stored = self.dtype in ("float16", "float32")
         expected_fields = list(INDEX_SCHEMA) + ([POOLED_CRC] if self.pooled_layers else [])
         missing = [f.name for f in expected_fields if f.name not in INDEX_OPTIONAL and (
                    self.index.schema.get_field_index(f.name) < 0
@@ -460,6 +472,11 @@ class CacheReader:
         utterance that fails is never blamed on the store when the store changed on the server;
         from the local copy of a remote store, the files of one that fails are dropped from the
         copy and fetched once more (and dropped again if they still fail)."""
+        seen = self._views.get(uid)
+        if seen is not None:
+            if self._crc(seen[0]) == seen[1]:
+                return seen[0]
+            self._views.pop(uid, None)  # read again below, and named there
         try:
             start, frames, crc = self._rows[uid]
         except KeyError:
@@ -503,6 +520,8 @@ class CacheReader:
             raw = self._local.read(start, frames) if self._local else None
             if raw is not None:  # little-endian and contiguous: checked in place (the hot path)
                 crc_ok = self._crc(raw) == crc
+                if crc_ok and raw.base is not None and len(self._views) < MAX_VIEWS:  # a view
+                    self._views[uid] = (raw, crc)
             else:
                 if self._layout:
                     self._prefetch(start, frames)
@@ -578,7 +597,8 @@ class CacheReader:
     def __getitem__(self, uid: str) -> np.ndarray:
         """(frames, hidden) states of `uid`: float16/float32 as stored (read-only when they are
         a view of a mapped shard), bfloat16 widened and int8 dequantised to float32."""
-        return from_storage(self.read_raw(uid), self.dtype)
+        raw = self.read_raw(uid)
+        return raw if self._as_stored else from_storage(raw, self.dtype)
 
     def shard_keys(self, uids=None) -> list[str]:
         """The shard files holding `uids` (default: every utterance), in grid order."""

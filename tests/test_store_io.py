@@ -135,6 +135,53 @@ def test_threads_read_the_same_values(tmp_path):
     assert wrong == []
 
 
+def test_an_utterance_read_before_is_checked_again(tmp_path):
+    """A read of an utterance read before skips the index lookups, never the checksum: a byte
+    changed in place in the mapped shard after the first read fails the next one."""
+    import os
+
+    store = tmp_path / "s.zarr"
+    states = write_store(store)
+    reader = open_cache(store)
+    stored = states["u4"].astype(np.float16)
+    assert np.array_equal(reader["u4"], stored) and np.array_equal(reader["u4"], stored)
+    path = next(f for f in (store / "states" / "c").rglob("*") if f.is_file() and stored.tobytes() in f.read_bytes())
+    at = path.read_bytes().find(stored.tobytes())
+    fd = os.open(path, os.O_RDWR)  # in place: the same file, as the map sees it
+    try:
+        os.pwrite(fd, bytes([path.read_bytes()[at + 5] ^ 0x20]), at + 5)
+        with pytest.raises(StoreCorrupt, match="'u4'.*checksum"):
+            reader["u4"]
+        os.pwrite(fd, bytes([path.read_bytes()[at + 5] ^ 0x20]), at + 5)
+    finally:
+        os.close(fd)
+    assert np.array_equal(reader["u4"], stored)
+
+
+def test_reads_keep_no_more_shard_files_open_than_the_map_limit(tmp_path):
+    """Each mapped shard holds a file descriptor; views kept of utterances read before must not
+    keep a dropped map (and its descriptor) alive."""
+    import os
+
+    store = tmp_path / "s.zarr"
+    states = write_store(store)
+    reader = open_cache(store)
+    reader._local.maps = 2  # normally a quarter of the descriptors the process may open
+
+    def open_shards():
+        names = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                 if os.path.exists(f"/proc/self/fd/{fd}")]
+        return sum(name.startswith(str(store / "states")) for name in names)
+
+    most = 0
+    for _ in range(3):
+        for uid in states:
+            assert np.array_equal(reader[uid], states[uid].astype(np.float16))
+            most = max(most, open_shards())
+    assert 0 < most <= 2
+    assert len({start // SHARD for start, _, _ in reader._rows.values()}) > 2  # more shards than maps
+
+
 # --- damage: every way a shard can be wrong gives a one-line StoreCorrupt naming the utterance --
 
 def shard_file(store: Path) -> Path:
