@@ -476,27 +476,12 @@ class StoreWriter:
                 rows[r["start"] // self.chunk_frames - shard * self.slots] = r["_pooled"]
                 r["pooled_crc32"] = checksum(r.pop("_pooled"), self.checksum)
             self.pooled[shard * self.slots:(shard + 1) * self.slots] = rows
-        self._sync_shards(first, end)
         table = pa.Table.from_pylist(records, schema=index_schema(self.meta))
         # the record count in the name lets a progress bar count commits without reading them
         name = f"shard-{first // self.shard_frames:012d}-n{len(records)}.parquet"
         write_atomic(self.path / "_building" / name, parquet_bytes(table))
         for r in records:
             self.committed[r["id"]] = r
-
-    def _sync_shards(self, first: int, end: int) -> None:
-        """Flush the shard files of rows [first, end) and their folders to disk before the commit
-        record names them: after a power cut or system crash a record never outlives its rows."""
-        arrays = [self.states] + ([self.pooled] if self.pooled is not None else [])
-        folders = set()
-        for shard in range(first // self.shard_frames, end // self.shard_frames):
-            for array in arrays:
-                path = self.path / array.basename / array.metadata.encode_chunk_key((shard, 0))
-                if path.is_file():  # a shard of fill values has no file
-                    fsync_path(path)
-                    folders.add(path.parent)
-        for folder in folders:
-            fsync_path(folder)
 
     def _write_shard(self, shard: int, rows: np.ndarray) -> None:
         """Write one shard file of an uncompressed store as zarr's sharding codec would, byte for

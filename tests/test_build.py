@@ -241,45 +241,6 @@ def test_disk_full_keeps_committed_and_resumes(tiny_model, tmp_path, monkeypatch
     assert summary.already == 4 and summary.cached == 8 and len(open_cache(out)) == 12
 
 
-@pytest.mark.parametrize("compression", ["none", "zstd"])
-def test_rows_reach_the_disk_before_their_commit_record(compression, tiny_model, tmp_path, monkeypatch):
-    """A power cut must never leave a commit record naming rows still in the page cache: every
-    shard file (states and pooled) and its folder is fsynced before the record is written."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    import cachegen.store as store
-
-    manifest = synth_corpus(tmp_path / "c", utterances=6, seconds=(0.5, 1.6))
-    out = tmp_path / "s.zarr"
-    synced, records = [], []
-    real_sync, real_write = store.fsync_path, store.write_atomic
-
-    def sync(path):
-        synced.append(Path(path))
-        return real_sync(path)
-
-    def write(path, data):
-        if "_building" in str(path):
-            table = pq.read_table(pa.BufferReader(data))
-            records.append((table.column("start").to_pylist(), table.column("frames").to_pylist(),
-                            set(synced)))
-        return real_write(path, data)
-
-    monkeypatch.setattr(store, "fsync_path", sync)
-    monkeypatch.setattr(store, "write_atomic", write)
-    build_cache(BuildConfig(manifest=str(manifest), out=str(out), model=tiny_model, layers=1,
-                            batch_size=1, shard_frames=64, chunk_frames=32, compression=compression,
-                            pooled_layers="all", progress=False))
-    assert len(records) >= 3 and len(open_cache(out)) == 6
-    for starts, frames, done in records:
-        shards = {k for s, f in zip(starts, frames) for k in range(s // 64, (s + f - 1) // 64 + 1)}
-        for k in shards:
-            assert out / "states" / "c" / str(k) / "0" in done
-            assert out / "states" / "c" / str(k) in done
-        assert out / "pooled" / "c" / str(starts[0] // 64) / "0" in done
-
-
 def test_flipped_byte_and_deleted_chunk_are_detected(built_store, tmp_path):
     copy = tmp_path / "copy.zarr"
     shutil.copytree(built_store, copy)
