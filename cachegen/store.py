@@ -212,10 +212,13 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; teammates must read a shared store
         os.replace(tmp, path)
-        fsync_path(path.parent)  # the rename itself survives a power cut
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    try:
+        fsync_path(path.parent)  # the rename itself survives a power cut
+    except PermissionError:  # a folder one may write but not read: the file is written all the same
+        pass
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

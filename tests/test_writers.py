@@ -2,6 +2,7 @@
 holds a store, a killed build's lock is taken over (reliability items 13, 14)."""
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -207,3 +208,21 @@ def test_read_only_out_is_one_line(tiny_model, small, tmp_path):
         one_line_error(build(corpus, tiny_model, store), str(store))
         one_line_error(build(corpus, tiny_model, store, "--overwrite", "--layers", 2), str(store))
     assert tree(store) == before
+
+
+def test_a_file_is_written_into_a_folder_that_cannot_be_read(tmp_path, monkeypatch):
+    """The folder's fsync after the rename needs to open the folder; a folder one may write but
+    not read (mode -wx) must still get the file, and no error."""
+    import cachegen.store as store
+
+    real = os.open
+
+    def folders_unreadable(path, flags, *args, **kwargs):
+        if os.path.isdir(path) and flags == os.O_RDONLY:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", folders_unreadable)
+    store.write_atomic(tmp_path / "f.json", b"{}")
+    monkeypatch.undo()
+    assert (tmp_path / "f.json").read_bytes() == b"{}" and os.listdir(tmp_path) == ["f.json"]
